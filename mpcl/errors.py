@@ -1,0 +1,17 @@
+"""Exceptions raised at the project's boundaries (files, configs, model packages).
+
+Each carries one sentence that names the offending file or key, so command-line tools can print it
+as-is instead of a traceback.
+"""
+
+
+class MPCLError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class InputError(MPCLError, ValueError):
+    """A file or array given by the user cannot be used (missing, corrupt, wrong shape, bad values)."""
+
+
+class ConfigError(MPCLError, ValueError):
+    """A configuration file or key is invalid."""

@@ -1,0 +1,97 @@
+"""Numpy preprocessing shared by training, evaluation and every inference backend.
+
+One implementation on purpose: an exported model can only agree with training if both call the same
+normalisation and the same resize. Resizing is corner-aligned (the first and last pixel centres map onto
+each other), which is scipy.ndimage.zoom's convention and the SSL4MIS evaluation protocol's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from mpcl.errors import InputError
+
+NORMALIZATION_SCHEMES = ("none", "minmax", "zscore", "percentile")
+
+
+def normalize_intensity(
+    volume: np.ndarray, scheme: str = "minmax", params: Mapping | None = None
+) -> np.ndarray:
+    """Normalise one whole volume (not slice by slice), as the training data were normalised.
+
+    Schemes: ``none``; ``minmax`` to [0, 1]; ``zscore`` (mean 0, std 1 over the volume); ``percentile``
+    (clip to the ``lower``/``upper`` percentiles, default 0.5/99.5, then min-max), robust for CT/MR outliers.
+    """
+    params = dict(params or {})
+    data = np.asarray(volume, dtype=np.float32)
+    if not np.all(np.isfinite(data)):
+        raise InputError("image contains non-finite values (NaN or inf); cannot normalise it")
+    if scheme == "none":
+        return data
+    if scheme == "zscore":
+        std = float(data.std())
+        return ((data - float(data.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
+    if scheme == "percentile":
+        lower, upper = np.percentile(data, [params.get("lower", 0.5), params.get("upper", 99.5)])
+        data = np.clip(data, lower, upper)
+    elif scheme != "minmax":
+        raise InputError(f"unknown normalisation scheme {scheme!r}; expected one of {NORMALIZATION_SCHEMES}")
+    low, high = float(data.min()), float(data.max())
+    if high <= low:
+        return np.zeros_like(data, dtype=np.float32)
+    return ((data - low) / (high - low)).astype(np.float32)
+
+
+def _axis_coordinates(n_in: int, n_out: int) -> np.ndarray:
+    """Source coordinates of each output sample along one axis (corner-aligned)."""
+    if n_out == 1 or n_in == 1:
+        return np.zeros(n_out, dtype=np.float64)
+    return np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+
+
+def _resize_axis_linear(data: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    coords = _axis_coordinates(data.shape[axis], n_out)
+    low = np.floor(coords).astype(np.int64)
+    high = np.minimum(low + 1, data.shape[axis] - 1)
+    frac = (coords - low).astype(np.float32)
+    shape = [1] * data.ndim
+    shape[axis] = n_out
+    frac = frac.reshape(shape)
+    return np.take(data, low, axis=axis) * (1 - frac) + np.take(data, high, axis=axis) * frac
+
+
+def _resize_axis_nearest(data: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    coords = _axis_coordinates(data.shape[axis], n_out)
+    return np.take(data, np.floor(coords + 0.5).astype(np.int64), axis=axis)
+
+
+def resize_2d(data: np.ndarray, out_hw: tuple[int, int], order: int = 1) -> np.ndarray:
+    """Resize the last two axes of ``data`` to ``out_hw``; leading axes (batch, channel) are kept.
+
+    ``order=1`` is bilinear (images, probabilities), ``order=0`` nearest (label maps).
+    """
+    if data.ndim < 2:
+        raise InputError(f"resize_2d needs at least 2 dimensions, got shape {data.shape}")
+    if order not in (0, 1):
+        raise InputError(f"resize order must be 0 (nearest) or 1 (linear), got {order}")
+    out_h, out_w = int(out_hw[0]), int(out_hw[1])
+    if data.shape[-2:] == (out_h, out_w):
+        return data.copy()
+    resize_axis = _resize_axis_linear if order == 1 else _resize_axis_nearest
+    work = data.astype(np.float32) if order == 1 else data
+    work = resize_axis(work, data.ndim - 2, out_h)
+    work = resize_axis(work, data.ndim - 1, out_w)
+    return work.astype(np.float32) if order == 1 else work
+
+
+def through_plane_axis(spacing_xyz: tuple[float, float, float]) -> int:
+    """Array axis (in (z, y, x) order) along which 2D slices are taken: the coarsest-spaced one.
+
+    Short-axis cine MRI and most clinical scans are acquired as thick slices; the coarsest axis is the
+    acquisition's through-plane axis whatever the direction matrix says. Ties go to the array's first
+    axis (SimpleITK's z), which is how isotropic data such as ACDC's h5 volumes are sliced.
+    """
+    array_spacing = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
+    return int(np.argmax(np.asarray(array_spacing) > max(array_spacing) - 1e-6 * max(array_spacing)))

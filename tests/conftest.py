@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny configs on the synthetic phantom so training tests run in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ACDC_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc"
+
+
+def tiny_config_dict(
+    output_dir: Path, method: str = "mean_teacher", iterations: int = 6, **method_params
+) -> dict:
+    """A phantom experiment small enough for unit tests: 32x32 patches, a slim U-Net, 2+2 per step."""
+    return {
+        "experiment": f"tiny_{method}",
+        "output_dir": str(output_dir),
+        "seed": 7,
+        "data": {
+            "kind": "phantom",
+            "patch_size": [32, 32],
+            "phantom": {
+                "seed": 3,
+                "n_labeled": 2,
+                "n_unlabeled": 2,
+                "n_val": 1,
+                "n_test": 1,
+                "size": [48, 48],
+                "slices_per_volume": 4,
+            },
+        },
+        "model": {"channels": [4, 8, 8, 16, 16]},
+        "train": {
+            "iterations": iterations,
+            "labeled_batch": 2,
+            "unlabeled_batch": 2,
+            "val_every": 3,
+            "checkpoint_every": 3,
+            "log_every": 1,
+            "device": "cpu",
+        },
+        "method": {"name": method, "params": method_params},
+    }
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    from mpcl.training.config import config_from_dict
+
+    def make(method: str = "mean_teacher", iterations: int = 6, subdir: str = "run", **params):
+        return config_from_dict(tiny_config_dict(tmp_path / subdir, method, iterations, **params))
+
+    return make

@@ -1,0 +1,126 @@
+"""mpcl-train / mpcl-eval as a user runs them, including the one-sentence errors."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from mpcl.training.cli import eval_main, train_main
+
+from tests.conftest import tiny_config_dict
+
+
+def _write_config(tmp_path, **changes):
+    data = tiny_config_dict(tmp_path / "run", "mean_teacher", iterations=3, consistency_start=0)
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_train_then_eval_then_resume(tmp_path):
+    runner = CliRunner()
+    config = _write_config(tmp_path)
+    result = runner.invoke(train_main, ["--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "best checkpoint:" in result.output
+    run = tmp_path / "run"
+    assert "validation mean Dice" in (run / "train.log").read_text()
+
+    metrics = tmp_path / "metrics.json"
+    predictions = tmp_path / "predictions"
+    result = runner.invoke(
+        eval_main,
+        [
+            "--checkpoint",
+            str(run / "best.pt"),
+            "--output",
+            str(metrics),
+            "--save-predictions",
+            str(predictions),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Dice" in result.output and "mean" in result.output
+    report = json.loads(metrics.read_text())
+    assert report["split"] == "test" and len(report["cases"]) == 1
+    assert len(list(predictions.glob("*.nii.gz"))) == 1
+
+    result = runner.invoke(train_main, ["--resume", str(run / "latest.pt"), "--no-progress"])
+    assert result.exit_code == 0, result.output  # already complete: resumes at 3 of 3 and finishes
+
+
+@pytest.mark.parametrize(
+    "args_or_changes, expected",
+    [
+        ({"train.iteratons": 3}, "unknown key 'config.train.iteratons' (did you mean 'iterations'?)"),
+        (
+            {"data.kind": "acdc", "data.root": "/nonexistent/acdc"},
+            "/nonexistent/acdc: ACDC data root does not exist",
+        ),
+    ],
+)
+def test_train_errors_are_one_sentence(tmp_path, args_or_changes, expected):
+    config = _write_config(tmp_path, **args_or_changes)
+    result = CliRunner().invoke(train_main, ["--config", str(config), "--no-progress"])
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert "Traceback" not in result.output
+
+
+def _fake_acdc(root, label_value=1, drop_label=False, missing_slice=False):
+    (root / "data" / "slices").mkdir(parents=True)
+    names = [f"patient001_frame01_slice_{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        if missing_slice and i == 3:
+            continue
+        with h5py.File(root / "data" / "slices" / f"{name}.h5", "w") as handle:
+            handle["image"] = np.random.rand(40, 36).astype(np.float32)
+            if not (drop_label and i == 0):
+                label = np.zeros((40, 36), np.uint8)
+                label[10:20, 10:20] = label_value
+                handle["label"] = label
+    with h5py.File(root / "data" / "patient002_frame01.h5", "w") as handle:
+        handle["image"] = np.random.rand(3, 40, 36).astype(np.float32)
+        handle["label"] = np.zeros((3, 40, 36), np.uint8)
+    (root / "train_slices.list").write_text("\n".join(names) + "\n")
+    (root / "val.list").write_text("patient002_frame01\n")
+    (root / "test.list").write_text("patient002_frame01\n")
+
+
+@pytest.mark.parametrize(
+    "fake, expected",
+    [
+        ({"drop_label": True}, "patient001_frame01_slice_0.h5: missing key(s) ['label']"),
+        ({"label_value": 7}, "label values [0, 7] outside the class range 0..3"),
+        (
+            {"missing_slice": True},
+            "patient001_frame01_slice_3.h5: file named in the split list does not exist",
+        ),
+    ],
+)
+def test_bad_acdc_data_stops_with_the_file_named(tmp_path, fake, expected):
+    root = tmp_path / "acdc"
+    _fake_acdc(root, **fake)
+    config = _write_config(
+        tmp_path, **{"data.kind": "acdc", "data.root": str(root), "data.labeled_slices": 4}
+    )
+    result = CliRunner().invoke(train_main, ["--config", str(config), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+
+
+def test_eval_rejects_a_non_checkpoint(tmp_path):
+    junk = tmp_path / "model.pt"
+    junk.write_text("hello")
+    result = CliRunner().invoke(eval_main, ["--checkpoint", str(junk)])
+    assert result.exit_code == 2 and "model.pt: not a loadable MPCL checkpoint" in result.output

@@ -1,0 +1,77 @@
+"""Slice-wise inference on whole volumes and the SSL4MIS evaluation protocol.
+
+Each slice (taken along the through-plane axis) is resized to the patch, segmented, and its class
+probabilities are resized back to the slice's own size before the argmax, using the numpy resize in
+``mpcl.preprocessing`` that every inference backend shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from mpcl.training.data.base import Volume
+from mpcl.training.metrics import multiclass_metrics, summarize
+from tqdm import tqdm
+
+from mpcl.io import ImageGeometry, write_image
+from mpcl.preprocessing import resize_2d, through_plane_axis
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module,
+    volume: Volume,
+    patch_size: tuple[int, int],
+    device: torch.device,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Class probabilities (C, D, H, W) for a (D, H, W) volume, in the volume's own grid."""
+    was_training = model.training
+    model.eval()
+    axis = through_plane_axis(volume.spacing)
+    slices = np.moveaxis(volume.image, axis, 0)
+    out_hw = slices.shape[1:]
+    chunks = []
+    for start in range(0, slices.shape[0], batch_size):
+        batch = resize_2d(slices[start : start + batch_size], patch_size, order=1)[:, None]
+        logits = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        chunks.append(resize_2d(probabilities, out_hw, order=1))
+    model.train(was_training)
+    stacked = np.concatenate(chunks, axis=0)  # (D', C, H', W') along the slicing axis
+    return np.moveaxis(np.moveaxis(stacked, 1, 0), 1, axis + 1)
+
+
+def predict_labels(model, volume: Volume, patch_size, device, batch_size: int = 16) -> np.ndarray:
+    return predict_probabilities(model, volume, patch_size, device, batch_size).argmax(0).astype(np.uint8)
+
+
+def evaluate_volumes(
+    model: torch.nn.Module,
+    volumes: Sequence[Volume],
+    class_names: list[str],
+    patch_size: tuple[int, int],
+    device: torch.device,
+    prediction_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Per-volume, per-class Dice/Jaccard/HD95/ASD plus their summary; optionally writes predictions."""
+    cases = []
+    for volume in tqdm(volumes, desc="evaluate", unit="vol", disable=not progress, leave=False):
+        prediction = predict_labels(model, volume, patch_size, device)
+        if prediction_dir is not None:
+            geometry = ImageGeometry(volume.spacing, volume.origin, volume.direction)
+            write_image(prediction, geometry, Path(prediction_dir) / f"{volume.name}.nii.gz")
+        if volume.label is None:
+            continue
+        metrics = multiclass_metrics(prediction, volume.label, len(class_names), volume.array_spacing)
+        cases.append({"name": volume.name, "metrics": metrics})
+    summary = summarize([case["metrics"] for case in cases], class_names) if cases else {}
+    per_case = [
+        {"name": case["name"], **{class_names[c]: values for c, values in case["metrics"].items()}}
+        for case in cases
+    ]
+    return {"summary": summary, "cases": per_case}

@@ -1,0 +1,24 @@
+"""Consistency losses and their schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sigmoid_rampup(iteration: int, length: int) -> float:
+    """exp(−5(1−x)²) with x = iteration / length capped at 1: the Mean Teacher / SSL4MIS ramp-up.
+
+    Counted in iterations rather than SSL4MIS's 150-iteration "epochs" (a smoother staircase of the
+    same curve). Methods gate it separately (e.g. no consistency before iteration 1000).
+    """
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(iteration, 0) / length, 1.0)
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def softmax_mse(student_logits: torch.Tensor, teacher_probabilities: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the student's and the teacher's class probabilities."""
+    return torch.mean((torch.softmax(student_logits, dim=1) - teacher_probabilities) ** 2)

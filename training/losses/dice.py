@@ -1,0 +1,35 @@
+"""Supervised segmentation losses: soft Dice and the SSL4MIS ½(CE + Dice) combination."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean over classes (background included) of 1 − soft Dice, pooled over the whole batch.
+
+    ``probabilities``: (B, C, H, W) softmax output; ``target``: (B, H, W) integer labels.
+    """
+    num_classes = probabilities.shape[1]
+    one_hot = F.one_hot(target.long(), num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    dims = (0, 2, 3)
+    intersection = (probabilities * one_hot).sum(dims)
+    denominator = (probabilities * probabilities).sum(dims) + one_hot.sum(dims)
+    return (1 - (2 * intersection + eps) / (denominator + eps)).mean()
+
+
+def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """½·(cross-entropy + soft Dice), the supervised loss of the SSL4MIS recipe."""
+    return 0.5 * (
+        F.cross_entropy(logits, target.long()) + soft_dice_loss(torch.softmax(logits, dim=1), target)
+    )
+
+
+def deep_supervision_loss(deep_logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Average ce_dice_loss of coarse-scale logits against nearest-downsampled labels."""
+    losses = []
+    for logits in deep_logits:
+        small = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        losses.append(ce_dice_loss(logits, small))
+    return torch.stack(losses).mean()

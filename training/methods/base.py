@@ -1,0 +1,65 @@
+"""The Method protocol: what a semi-supervised method is to the one training loop.
+
+A method is data, not a loop: it declares what it needs (an EMA teacher, unlabelled data, strong views),
+owns its parameters and extra modules, and turns one batch into a dict of named, already-weighted loss
+terms. The trainer sums the terms, logs each by name (so ablations are visible), steps the optimiser and
+updates the teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from mpcl.training.data.batches import Batch
+from torch import nn
+
+
+@dataclass
+class Models:
+    """The networks of a run. ``teacher`` is an EMA copy of the student when the method asks for one."""
+
+    student: nn.Module
+    teacher: nn.Module | None = None
+    extra: nn.ModuleDict | None = None  # trainable method-specific heads (projection heads, ...)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    iteration: int  # 0-based index of the current step
+    total_iterations: int
+
+
+class Method:
+    """Base class; subclasses set the class attributes and implement ``training_step``."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = object  # a dataclass of the method's config keys (method.params)
+    uses_teacher: ClassVar[bool] = False
+    uses_unlabeled: ClassVar[bool] = False
+    uses_strong_views: ClassVar[bool] = False
+
+    def __init__(self, params: Any, num_classes: int) -> None:
+        self.params = params
+        self.num_classes = num_classes
+
+    @property
+    def ema_decay(self) -> float:
+        """Upper bound of the teacher's EMA decay (the trainer ramps it as min(1 − 1/(t+1), decay))."""
+        return float(getattr(self.params, "ema_decay", 0.99))
+
+    def build_extra_modules(self) -> dict[str, nn.Module]:
+        """Trainable modules besides the student (optimised with it, saved with checkpoints)."""
+        return {}
+
+    def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Non-trainable method state that must survive a resume (e.g. a prototype bank)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} has no state to load, got keys {sorted(state)}")

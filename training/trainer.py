@@ -1,0 +1,290 @@
+"""The one training loop shared by every method.
+
+Per step: build the two-stream batch for iteration t, ask the method for its named loss terms, sum and
+back-propagate them, step SGD with poly learning-rate decay, update the EMA teacher; every
+``val_every`` steps evaluate the student on the validation volumes and keep the best checkpoint.
+A checkpoint holds everything that changes during training (weights, optimiser, method state, torch RNG,
+logs up to that step); batches are a pure function of (seed, t), so a resumed run continues exactly as
+the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mpcl.training.checkpoint import build_metadata, load_checkpoint, save_checkpoint
+from mpcl.training.config import ExperimentConfig, config_from_dict
+from mpcl.training.data.base import SegmentationData
+from mpcl.training.data.batches import BatchFactory, prefetch
+from mpcl.training.evaluate import evaluate_volumes
+from mpcl.training.methods import Models, StepInfo, build_method
+from mpcl.training.networks import UNet
+from mpcl.training.run_log import CsvLog, plot_curves
+from tqdm import tqdm
+
+from mpcl.errors import ConfigError
+
+log = logging.getLogger("mpcl.train")
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_network(config: ExperimentConfig, num_classes: int) -> UNet:
+    model = config.model
+    return UNet(1, num_classes, model.channels, model.dropout, model.decoder_dropout, model.deep_supervision)
+
+
+def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
+    return base_lr * (1.0 - iteration / total) ** power if power > 0 else base_lr
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """teacher ← decay·teacher + (1 − decay)·student, on parameters (buffers are the teacher's own)."""
+    for teacher_param, student_param in zip(teacher.parameters(), student.parameters(), strict=True):
+        teacher_param.mul_(decay).add_(student_param.detach(), alpha=1 - decay)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_val_dice: float
+    best_iteration: int
+    seconds_per_iteration: float
+    iterations_run: int
+
+
+class Trainer:
+    def __init__(
+        self, config: ExperimentConfig, data: SegmentationData, output_dir: str | Path | None = None
+    ):
+        self.config = config
+        self.data = data
+        self.output_dir = Path(output_dir or config.output_dir)
+        self.device = select_device(config.train.device)
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
+        torch.manual_seed(config.seed)
+        self.method = build_method(config.method, data.num_classes)
+        student = build_network(config, data.num_classes).to(self.device)
+        teacher = None
+        if self.method.uses_teacher:
+            teacher = copy.deepcopy(student)
+            teacher.requires_grad_(False)
+        extra_modules = self.method.build_extra_modules()
+        extra = torch.nn.ModuleDict(extra_modules).to(self.device) if extra_modules else None
+        self.models = Models(student, teacher, extra)
+        parameters = list(student.parameters()) + (list(extra.parameters()) if extra is not None else [])
+        train = config.train
+        self.optimizer = torch.optim.SGD(
+            parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        )
+        unlabeled_batch = train.unlabeled_batch if self.method.uses_unlabeled else 0
+        self.batches = BatchFactory(
+            data.labeled,
+            data.unlabeled,
+            tuple(config.data.patch_size),
+            train.labeled_batch,
+            unlabeled_batch,
+            config.augment,
+            config.seed,
+            strong_views=self.method.uses_strong_views,
+        )
+        self.metadata = build_metadata(
+            config.to_dict(), data.class_names, data.normalization, config.method.name
+        )
+        self.start_iteration = 0
+        self.best_dice = -1.0
+        self.best_iteration = -1
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.train_log = CsvLog(self.output_dir / "train_log.csv")
+        self.val_log = CsvLog(self.output_dir / "val_log.csv")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _state(self, iteration: int) -> dict:
+        models = self.models
+        return {
+            "iteration": iteration,
+            "student": models.student.state_dict(),
+            "teacher": models.teacher.state_dict() if models.teacher is not None else None,
+            "extra": models.extra.state_dict() if models.extra is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "method_state": self.method.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "best": {"dice": self.best_dice, "iteration": self.best_iteration},
+            "metadata": self.metadata,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self, name: str, iteration: int) -> Path:
+        return save_checkpoint(self.output_dir / name, self._state(iteration))
+
+    def resume_from(self, path: str | Path) -> None:
+        """Restore every piece of training state saved by ``save`` at the end of an iteration."""
+        state = load_checkpoint(path)
+        if state["config"] != self.config.to_dict():
+            raise ConfigError(
+                f"{path}: checkpoint was written with a different config; resume with its own "
+                "config (mpcl-train --resume without --config)"
+            )
+        self.models.student.load_state_dict(state["student"])
+        if self.models.teacher is not None:
+            self.models.teacher.load_state_dict(state["teacher"])
+        if self.models.extra is not None:
+            self.models.extra.load_state_dict(state["extra"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method_state"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_dice = float(state["best"]["dice"])
+        self.best_iteration = int(state["best"]["iteration"])
+        self.start_iteration = int(state["iteration"])
+        self.train_log.truncate_after(self.start_iteration)
+        self.val_log.truncate_after(self.start_iteration)
+        log.info(
+            "resumed from %s at iteration %d (best val Dice %.4f)", path, self.start_iteration, self.best_dice
+        )
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self, iteration: int) -> float:
+        volumes = self.data.val_volumes
+        if self.config.data.val_volumes is not None:
+            volumes = volumes[: self.config.data.val_volumes]
+        result = evaluate_volumes(
+            self.models.student,
+            volumes,
+            self.data.class_names,
+            tuple(self.config.data.patch_size),
+            self.device,
+        )
+        summary = result["summary"]
+        mean_dice = float(summary["mean"]["dice"]["mean"])
+        row = {"iteration": iteration, "mean_dice": mean_dice, "mean_hd95": summary["mean"]["hd95"]["mean"]}
+        row.update({f"dice_{name}": summary[name]["dice"]["mean"] for name in self.data.class_names[1:]})
+        self.val_log.append(row)
+        if mean_dice > self.best_dice:
+            self.best_dice, self.best_iteration = mean_dice, iteration
+            self.save("best.pt", iteration)
+        log.info(
+            "iteration %d: validation mean Dice %.4f (best %.4f at %d)",
+            iteration,
+            mean_dice,
+            self.best_dice,
+            self.best_iteration,
+        )
+        return mean_dice
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+        """Train from ``start_iteration`` to the configured budget (or ``stop_at``, for interruptions)."""
+        train = self.config.train
+        total = train.iterations
+        stop = min(stop_at, total) if stop_at is not None else total
+        models = self.models
+        models.student.train()
+        if models.teacher is not None:
+            models.teacher.train()  # as SSL4MIS: the teacher sees dropout and batch statistics
+        bar = tqdm(
+            total=stop - self.start_iteration, desc=self.config.experiment, unit="it", disable=not progress
+        )
+        started = time.perf_counter()
+        validation_seconds = 0.0
+        iteration = self.start_iteration
+        try:
+            for iteration, batch in enumerate(
+                prefetch(self.batches, self.start_iteration, stop), self.start_iteration
+            ):
+                lr = poly_lr(train.lr, iteration, total, train.poly_power)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                terms = self.method.training_step(batch.to(self.device), models, StepInfo(iteration, total))
+                loss = torch.stack([value for value in terms.values()]).sum()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} at iteration {iteration} (terms: "
+                        f"{ {k: float(v) for k, v in terms.items()} }); lower train.lr or check the data"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                if models.teacher is not None:
+                    ema_update(
+                        models.teacher, models.student, min(1 - 1 / (iteration + 1), self.method.ema_decay)
+                    )
+                done = iteration + 1
+                if done % train.log_every == 0 or done == stop:
+                    row = {"iteration": done, "lr": lr, "loss": loss.item()}
+                    row.update({f"loss_{name}": value.item() for name, value in terms.items()})
+                    self.train_log.append(row)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", best_dice=f"{max(self.best_dice, 0):.3f}")
+                bar.update(1)
+                if done % train.val_every == 0 or done == total:
+                    validation_started = time.perf_counter()
+                    self.validate(done)
+                    validation_seconds += time.perf_counter() - validation_started
+                if done % train.checkpoint_every == 0 or done == stop:
+                    self.save("latest.pt", done)
+            iteration = stop
+        except KeyboardInterrupt:
+            self.save("latest.pt", iteration)
+            log.warning(
+                "interrupted at iteration %d; resume with --resume %s",
+                iteration,
+                self.output_dir / "latest.pt",
+            )
+            raise
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - started - validation_seconds  # training steps only
+        run = stop - self.start_iteration
+        result = TrainResult(
+            self.output_dir,
+            self.output_dir / "best.pt",
+            self.output_dir / "latest.pt",
+            self.best_dice,
+            self.best_iteration,
+            elapsed / max(run, 1),
+            run,
+        )
+        self._finish(result)
+        return result
+
+    def _finish(self, result: TrainResult) -> None:
+        plot_curves(
+            self.train_log.rows(), self.val_log.rows(), self.output_dir / "curves.png", self.config.experiment
+        )
+        summary = {
+            "experiment": self.config.experiment,
+            "method": self.config.method.name,
+            "best_val_mean_dice": result.best_val_dice,
+            "best_iteration": result.best_iteration,
+            "iterations_run": result.iterations_run,
+            "seconds_per_iteration": result.seconds_per_iteration,
+            "device": str(self.device),
+        }
+        (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        log.info(
+            "finished: %d iterations at %.3f s/it; best validation mean Dice %.4f at iteration %d",
+            result.iterations_run,
+            result.seconds_per_iteration,
+            result.best_val_dice,
+            result.best_iteration,
+        )
+
+
+def config_of_checkpoint(path: str | Path) -> ExperimentConfig:
+    """The validated config a checkpoint was trained with."""
+    return config_from_dict(load_checkpoint(path)["config"], f"{path} (stored config)")
