@@ -20,6 +20,16 @@ import SimpleITK as sitk
 
 from mpcl.errors import InputError
 
+TWO_FILE_FORMATS = (".mhd", ".hdr", ".img")  # header + data files: cannot be renamed into place atomically
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 IDENTITY_DIRECTION_3D: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
@@ -79,6 +89,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
     os.close(handle)
     temporary_path = Path(temporary)
+    os.chmod(temporary_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs follow the umask
     try:
         yield temporary_path
         os.replace(temporary_path, path)
@@ -98,6 +109,11 @@ def write_image(array: np.ndarray, geometry: ImageGeometry, path: str | os.PathL
     """Write a (z, y, x) array with the given geometry, atomically; the format follows the extension."""
     if array.ndim != 3:
         raise InputError(f"{path}: expected a 3D (z, y, x) array to write, got shape {array.shape}")
+    if str(path).lower().endswith(TWO_FILE_FORMATS):
+        raise InputError(
+            f"{path}: two-file formats ({', '.join(TWO_FILE_FORMATS)}) cannot be written atomically; "
+            "use .nii.gz, .nrrd or .mha"
+        )
     image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
     return write_atomically(
         path, lambda temporary: sitk.WriteImage(image, str(temporary), useCompression=True)

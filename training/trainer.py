@@ -21,7 +21,7 @@ import torch
 from mpcl.training.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from mpcl.training.config import ExperimentConfig, config_from_dict
 from mpcl.training.data.base import SegmentationData
-from mpcl.training.data.batches import BatchFactory, prefetch
+from mpcl.training.data.batches import Batch, BatchFactory, prefetch
 from mpcl.training.evaluate import evaluate_volumes
 from mpcl.training.methods import Models, StepInfo, build_method
 from mpcl.training.networks import UNet
@@ -188,6 +188,29 @@ class Trainer:
         return mean_dice
 
     # -- the loop ------------------------------------------------------------------------------
+    def train_step(self, iteration: int, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """One optimisation step at ``iteration``: returns the total loss, its named terms and the lr."""
+        train, models = self.config.train, self.models
+        lr = poly_lr(train.lr, iteration, train.iterations, train.poly_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        terms = self.method.training_step(
+            batch.to(self.device), models, StepInfo(iteration, train.iterations)
+        )
+        loss = torch.stack(list(terms.values())).sum()
+        if not torch.isfinite(loss):
+            values = {name: round(value.item(), 6) for name, value in terms.items()}
+            raise FloatingPointError(
+                f"loss became {loss.item()} at iteration {iteration} (terms {values}); "
+                "lower train.lr or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if models.teacher is not None:
+            ema_update(models.teacher, models.student, min(1 - 1 / (iteration + 1), self.method.ema_decay))
+        return loss.detach(), {name: value.detach() for name, value in terms.items()}, lr
+
     def fit(self, stop_at: int | None = None, progress: bool = True) -> TrainResult:
         """Train from ``start_iteration`` to the configured budget (or ``stop_at``, for interruptions)."""
         train = self.config.train
@@ -202,29 +225,13 @@ class Trainer:
         )
         started = time.perf_counter()
         validation_seconds = 0.0
-        iteration = self.start_iteration
+        completed = self.start_iteration  # steps whose update is in the weights
         try:
             for iteration, batch in enumerate(
                 prefetch(self.batches, self.start_iteration, stop), self.start_iteration
             ):
-                lr = poly_lr(train.lr, iteration, total, train.poly_power)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                terms = self.method.training_step(batch.to(self.device), models, StepInfo(iteration, total))
-                loss = torch.stack([value for value in terms.values()]).sum()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss.item()} at iteration {iteration} (terms: "
-                        f"{ {k: float(v) for k, v in terms.items()} }); lower train.lr or check the data"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                if models.teacher is not None:
-                    ema_update(
-                        models.teacher, models.student, min(1 - 1 / (iteration + 1), self.method.ema_decay)
-                    )
-                done = iteration + 1
+                loss, terms, lr = self.train_step(iteration, batch)
+                completed = done = iteration + 1
                 if done % train.log_every == 0 or done == stop:
                     row = {"iteration": done, "lr": lr, "loss": loss.item()}
                     row.update({f"loss_{name}": value.item() for name, value in terms.items()})
@@ -237,12 +244,11 @@ class Trainer:
                     validation_seconds += time.perf_counter() - validation_started
                 if done % train.checkpoint_every == 0 or done == stop:
                     self.save("latest.pt", done)
-            iteration = stop
         except KeyboardInterrupt:
-            self.save("latest.pt", iteration)
+            self.save("latest.pt", completed)
             log.warning(
-                "interrupted at iteration %d; resume with --resume %s",
-                iteration,
+                "interrupted after iteration %d; resume with --resume %s",
+                completed,
                 self.output_dir / "latest.pt",
             )
             raise

@@ -50,6 +50,10 @@ def read_h5_case(
     if label is not None:
         if label.shape != image.shape:
             raise InputError(f"{path}: 'label' shape {label.shape} differs from 'image' shape {image.shape}")
+        if np.any(label != np.round(label)):
+            raise InputError(
+                f"{path}: 'label' holds non-integer values; expected class indices 0..{num_classes - 1}"
+            )
         if label.size and (label.min() < 0 or label.max() >= num_classes):
             raise InputError(
                 f"{path}: label values {sorted(np.unique(label).tolist())} "

@@ -14,6 +14,8 @@ import numpy as np
 from mpcl.training.config import AugmentConfig
 from scipy import ndimage
 
+from mpcl.preprocessing import resize_2d
+
 
 def random_rot90_flip(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None):
     """Rotate by k·90° and flip along a random axis (exact, no interpolation)."""
@@ -36,6 +38,10 @@ def affine_to_patch(
     With angle 0 and scale 1 this is exactly the corner-aligned resize of ``mpcl.preprocessing``, so
     training patches and inference inputs are sampled the same way. Image: linear; label: nearest.
     """
+    if angle_degrees == 0 and scale == 1:
+        return resize_2d(image, patch_size, order=1), None if label is None else resize_2d(
+            label, patch_size, order=0
+        )
     in_h, in_w = image.shape
     out_h, out_w = patch_size
     step = np.array([(in_h - 1) / max(out_h - 1, 1), (in_w - 1) / max(out_w - 1, 1)])
@@ -57,7 +63,7 @@ def affine_to_patch(
     label_out = None
     if label is not None:
         label_out = ndimage.affine_transform(
-            label, matrix, offset, output_shape=(out_h, out_w), order=0, mode="constant", cval=0
+            label, matrix, offset, output_shape=(out_h, out_w), order=0, mode="grid-constant", cval=0
         )
     return image_out, label_out
 

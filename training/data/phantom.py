@@ -73,8 +73,9 @@ class PhantomSpec:
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or len(self.spacing) != 3:
-            raise ConfigError(f"PhantomSpec needs size (H, W) and spacing (x, y, z), got {self.size!r}, "
-                              f"{self.spacing!r}.")
+            raise ConfigError(
+                f"PhantomSpec needs size (H, W) and spacing (x, y, z), got {self.size!r}, {self.spacing!r}."
+            )
         # Accept lists from configs; store canonical tuples so specs compare and hash predictably.
         object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
         object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
@@ -90,8 +91,10 @@ class PhantomSpec:
                 raise ConfigError(f"PhantomSpec.{key} must be >= 0, got {getattr(self, key)}.")
         # Larger jitters could invert the dark/bright sub-region order the phantom guarantees.
         if not 0 <= self.contrast_jitter <= 0.15 or not 0 <= self.gamma_jitter <= 0.3:
-            raise ConfigError("PhantomSpec.contrast_jitter must be in [0, 0.15] and gamma_jitter in "
-                              f"[0, 0.3], got {self.contrast_jitter}, {self.gamma_jitter}.")
+            raise ConfigError(
+                "PhantomSpec.contrast_jitter must be in [0, 0.15] and gamma_jitter in "
+                f"[0, 0.3], got {self.contrast_jitter}, {self.gamma_jitter}."
+            )
 
 
 @dataclass(frozen=True)
@@ -161,13 +164,28 @@ def _sample_anatomy(rng: np.random.Generator, spec: PhantomSpec) -> _Anatomy:
     intensities = {name: value**gamma for name, value in jittered.items()}
     bias = tuple(rng.normal(0.0, 1.0, size=6).tolist())
     return _Anatomy(
-        body, heart, lv_shape, myo, septal, rv, bright_sector, papillary, trabeculae, rv_dark,
-        lungs, aorta, spine, peri_fat, intensities, bias,
+        body,
+        heart,
+        lv_shape,
+        myo,
+        septal,
+        rv,
+        bright_sector,
+        papillary,
+        trabeculae,
+        rv_dark,
+        lungs,
+        aorta,
+        spine,
+        peri_fat,
+        intensities,
+        bias,
     )
 
 
-def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, ax: float, ay: float,
-             rot: float = 0.0) -> np.ndarray:
+def _ellipse(
+    xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, ax: float, ay: float, rot: float = 0.0
+) -> np.ndarray:
     """Normalised elliptical radius (<= 1 inside), so masks and rims come from one expression."""
     dx, dy = xx - cx, yy - cy
     c, s = math.cos(rot), math.sin(rot)
@@ -254,8 +272,9 @@ def _render_torso(a: _Anatomy, xx: np.ndarray, yy: np.ndarray, streaks: np.ndarr
     return _Torso(img, amp, lung_r)
 
 
-def _render_slice(a: _Anatomy, t: float, xx: np.ndarray, yy: np.ndarray, s: float, torso: _Torso
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _render_slice(
+    a: _Anatomy, t: float, xx: np.ndarray, yy: np.ndarray, s: float, torso: _Torso
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Paint one slice at relative depth t (0 base, 1 apex).
 
     Returns intensity, label, sub-region and texture-gain maps. The heart is rendered only inside a tight
@@ -407,7 +426,7 @@ def make_phantom_volume(seed: int, spec: PhantomSpec = PhantomSpec()) -> tuple[V
         t = z / (d - 1) if d > 1 else 0.5
         img[z], label[z], sub[z], amp[z] = _render_slice(a, t, xx, yy, s, torso)
 
-    # Tissue texture (fat/muscle streaks, flow inhomogeneity): smooth multiplicative noise, per tissue gain.
+    # Tissue texture (muscle/fat grain, flow inhomogeneity): smooth multiplicative noise, per-tissue gain.
     # Two 2-D fields mixed with a slice-dependent angle give unit-variance texture that changes along z
     # at a fraction of the cost of a 3-D field.
     fields = ndimage.gaussian_filter(rng.standard_normal((2, h, w), dtype=np.float32), (0, 1.5 * s, 1.5 * s))
