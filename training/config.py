@@ -242,9 +242,14 @@ def config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
     try:
         config = dataclass_from_dict(ExperimentConfig, data, "config")
         _check_ranges(config)
-        from mpcl.training.methods import method_params_from_config  # validates method.params
+        from mpcl.training.methods import method_class, method_params_from_config
 
-        method_params_from_config(config.method)
+        method_params_from_config(config.method)  # validates method.params
+        problem = method_class(config.method.name).check_batches(
+            config.train.labeled_batch, config.train.unlabeled_batch
+        )
+        if problem:
+            raise ConfigError(problem)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     return config

@@ -10,7 +10,8 @@ import numpy as np
 
 
 class CsvLog:
-    """Append-only CSV whose columns are fixed by the first row written; resume-safe."""
+    """Append-only CSV, resume-safe. A row with a new column (a method whose loss terms change between
+    stages) rewrites the file once with the wider header; missing values are left empty."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -32,6 +33,11 @@ class CsvLog:
         if self.columns is None:
             self.columns = list(row)
             self._write([], mode="w")
+        new_columns = [key for key in row if key not in self.columns]
+        if new_columns:
+            existing = self.rows()
+            self.columns = self.columns + new_columns
+            self._write(existing, mode="w")
         self._write([row], mode="a")
 
     def rows(self) -> list[dict]:
@@ -49,6 +55,7 @@ class CsvLog:
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` logged values; NaN (a term not logged at that step) stays NaN."""
     if len(values) < window or window <= 1:
         return values
     kernel = np.ones(window) / window
@@ -68,7 +75,7 @@ def plot_curves(train_rows: list[dict], val_rows: list[dict], path: Path, title:
     iterations = np.array([int(row["iteration"]) for row in train_rows])
     window = max(1, len(train_rows) // 50)
     for column in (c for c in train_rows[0] if c.startswith("loss")):
-        values = np.array([float(row[column]) for row in train_rows])
+        values = np.array([float(row[column]) if row[column] else np.nan for row in train_rows])
         smoothed = _moving_average(values, window)
         loss_axis.plot(iterations[len(iterations) - len(smoothed) :], smoothed, label=column)
     loss_axis.set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")

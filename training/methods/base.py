@@ -49,6 +49,11 @@ class Method:
         """Upper bound of the teacher's EMA decay (the trainer ramps it as min(1 − 1/(t+1), decay))."""
         return float(getattr(self.params, "ema_decay", 0.99))
 
+    @classmethod
+    def check_batches(cls, labeled_batch: int, unlabeled_batch: int) -> str | None:
+        """A sentence saying why these batch sizes cannot work for the method, or None if they can."""
+        return None
+
     def build_extra_modules(self) -> dict[str, nn.Module]:
         """Trainable modules besides the student (optimised with it, saved with checkpoints)."""
         return {}
