@@ -2,7 +2,8 @@ import pytest
 import torch
 from mpcl.training.config import config_from_dict
 from mpcl.training.data.loading import load_data
-from mpcl.training.losses.mixing import largest_component_per_class, paste, random_box_mask, weighted_ce_dice
+from mpcl.training.losses.dice import ce_dice_loss
+from mpcl.training.losses.mixing import largest_component_per_class, paste, random_box_mask
 from mpcl.training.methods import StepInfo
 from mpcl.training.trainer import Trainer
 
@@ -46,11 +47,9 @@ def test_zero_weight_pixels_do_not_affect_the_loss():
     weight[:, :4] = 0
     changed = logits.clone()
     changed[:, :, :4] = torch.randn(1, 4, 4, 8) * 5
-    assert weighted_ce_dice(logits, target, weight) == pytest.approx(
-        weighted_ce_dice(changed, target, weight).item()
-    )
-    assert weighted_ce_dice(logits, target, torch.ones_like(weight)) != pytest.approx(
-        weighted_ce_dice(changed, target, torch.ones_like(weight)).item()
+    assert ce_dice_loss(logits, target, weight) == pytest.approx(ce_dice_loss(changed, target, weight).item())
+    assert ce_dice_loss(logits, target, torch.ones_like(weight)) != pytest.approx(
+        ce_dice_loss(changed, target, torch.ones_like(weight)).item()
     )
 
 

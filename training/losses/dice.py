@@ -6,24 +6,34 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(
+    probabilities: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
     """Mean over classes (background included) of 1 − soft Dice, pooled over the whole batch.
 
-    ``probabilities``: (B, C, H, W) softmax output; ``target``: (B, H, W) integer labels.
+    ``probabilities``: (B, C, H, W) softmax output; ``target``: (B, H, W) integer labels; ``weight``:
+    optional (B, H, W) per-pixel weights (copy-paste methods trust pseudo-labelled pixels less).
     """
     num_classes = probabilities.shape[1]
     one_hot = F.one_hot(target.long(), num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    w = 1.0 if weight is None else weight[:, None].to(probabilities.dtype)
     dims = (0, 2, 3)
-    intersection = (probabilities * one_hot).sum(dims)
-    denominator = (probabilities * probabilities).sum(dims) + one_hot.sum(dims)
+    intersection = (w * probabilities * one_hot).sum(dims)
+    denominator = (w * probabilities * probabilities).sum(dims) + (w * one_hot).sum(dims)
     return (1 - (2 * intersection + eps) / (denominator + eps)).mean()
 
 
-def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """½·(cross-entropy + soft Dice), the supervised loss of the SSL4MIS recipe."""
-    return 0.5 * (
-        F.cross_entropy(logits, target.long()) + soft_dice_loss(torch.softmax(logits, dim=1), target)
-    )
+def ce_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """½·(cross-entropy + soft Dice), the supervised loss of the SSL4MIS recipe; optionally pixel-weighted."""
+    if weight is None:
+        ce = F.cross_entropy(logits, target.long())
+    else:
+        weight = weight.to(logits.dtype)
+        pixel_ce = F.cross_entropy(logits, target.long(), reduction="none")
+        ce = (pixel_ce * weight).sum() / weight.sum().clamp_min(1e-5)
+    return 0.5 * (ce + soft_dice_loss(torch.softmax(logits, dim=1), target, weight))
 
 
 def deep_supervision_loss(deep_logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 
@@ -45,20 +44,3 @@ def largest_component_per_class(labels: torch.Tensor, num_classes: int) -> torch
             sizes = np.bincount(components.ravel())[1:]
             cleaned[index][components == int(np.argmax(sizes)) + 1] = cls
     return torch.from_numpy(cleaned).to(labels.device)
-
-
-def weighted_ce_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5):
-    """½·(CE + soft Dice) with a per-pixel weight (B, H, W): copy-paste losses trust pseudo-labelled
-    pixels less than ground-truth ones."""
-    weight = weight.to(logits.dtype)
-    ce = (F.cross_entropy(logits, target.long(), reduction="none") * weight).sum() / weight.sum().clamp_min(
-        eps
-    )
-    probabilities = torch.softmax(logits, dim=1)
-    one_hot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
-    w = weight[:, None]
-    dims = (0, 2, 3)
-    intersection = (w * probabilities * one_hot).sum(dims)
-    denominator = (w * probabilities * probabilities).sum(dims) + (w * one_hot).sum(dims)
-    dice = (1 - (2 * intersection + eps) / (denominator + eps)).mean()
-    return 0.5 * (ce + dice)

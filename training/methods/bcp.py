@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from mpcl.training.data.batches import Batch
-from mpcl.training.losses.mixing import largest_component_per_class, paste, random_box_mask, weighted_ce_dice
+from mpcl.training.losses.dice import ce_dice_loss
+from mpcl.training.losses.mixing import largest_component_per_class, paste, random_box_mask
 from mpcl.training.methods.base import Method, Models, StepInfo
 
 
@@ -48,7 +49,7 @@ class BCP(Method):
             target = paste(labels[:half], labels[half:], mask)
             logits = models.student(mixed)
             return {
-                "copy_paste_labeled": weighted_ce_dice(
+                "copy_paste_labeled": ce_dice_loss(
                     logits, target, torch.ones_like(target, dtype=logits.dtype)
                 )
             }
@@ -73,4 +74,4 @@ class BCP(Method):
         target = torch.cat([paste(label_a, pseudo_a, mask), paste(pseudo_b, label_b, mask)])
         weight = torch.cat([paste(ones, u * ones, mask), paste(u * ones, ones, mask)])
         logits = models.student(mixed)
-        return {"copy_paste_bidirectional": weighted_ce_dice(logits, target, weight)}
+        return {"copy_paste_bidirectional": ce_dice_loss(logits, target, weight)}
