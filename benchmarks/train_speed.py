@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from mpcl.training.config import load_config
 from mpcl.training.data.loading import load_data
 from mpcl.training.trainer import Trainer
@@ -45,10 +46,8 @@ def time_steps(config_path: Path, data_root: str | None, steps: int, warmup: int
         "patch_size": list(config.data.patch_size),
         "batch": [config.train.labeled_batch, trainer.batches.sampler.unlabeled_batch],
         "steps_timed": steps,
-        "iterations_timed": [
-            warmup,
-            warmup + steps,
-        ],  # early iterations: BCP is still in its pre-training stage
+        # early iterations only: BCP is still in its labelled-only pre-training stage there
+        "iterations_timed": [warmup, warmup + steps],
         "median_s_per_iteration": statistics.median(durations),
         "min_s_per_iteration": min(durations),
         "projected_hours_for_budget": statistics.median(durations) * config.train.iterations / 3600,

@@ -7,13 +7,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+
+from mpcl.preprocessing import resize_2d
 from mpcl.training.config import AugmentConfig
 from mpcl.training.data.augment import affine_to_patch, random_rot90_flip, strong_view, weak_view
 from mpcl.training.data.base import Slice2D
 from mpcl.training.data.batches import Batch, BatchFactory, prefetch
 from mpcl.training.data.sampler import ShuffledStream, TwoStreamSampler
-
-from mpcl.preprocessing import resize_2d
 
 
 def _image_and_label(hw, seed=0):

@@ -1,13 +1,13 @@
 import pytest
 import torch
+
+from mpcl.errors import ConfigError
 from mpcl.training.config import config_from_dict
 from mpcl.training.data.loading import load_data
 from mpcl.training.losses.dice import ce_dice_loss
 from mpcl.training.losses.mixing import largest_component_per_class, paste, random_box_mask
 from mpcl.training.methods import StepInfo
 from mpcl.training.trainer import Trainer
-
-from mpcl.errors import ConfigError
 from tests.conftest import tiny_config_dict
 
 

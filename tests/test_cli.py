@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from mpcl.training.cli import eval_main, train_main
 
+from mpcl.training.cli import eval_main, train_main
 from tests.conftest import tiny_config_dict
 
 

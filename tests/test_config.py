@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mpcl.training.config import config_from_dict, load_config
 
 from mpcl.errors import ConfigError
+from mpcl.training.config import config_from_dict, load_config
 from tests.conftest import tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[1]

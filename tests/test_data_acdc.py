@@ -7,6 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
+from mpcl.errors import InputError
 from mpcl.training.config import ACDC_PATIENTS_TO_SLICES, DataConfig
 from mpcl.training.data.acdc import (
     ACDC_CLASS_NAMES,
@@ -16,8 +18,6 @@ from mpcl.training.data.acdc import (
     read_h5_case,
 )
 from mpcl.training.data.loading import load_data
-
-from mpcl.errors import InputError
 
 REAL_ACDC = Path(__file__).resolve().parents[2] / "shared/data/acdc"
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
+from mpcl.errors import InputError
 from mpcl.training.config import DataConfig
 from mpcl.training.data.loading import load_data
 from mpcl.training.data.nifti_folder import class_names_from_dataset_json, load_nifti_folder
-
-from mpcl.errors import InputError
 
 # (x, y, z) spacing with the thick axis along x: slices must be cut along array axis 2 (the x axis).
 SPACING = (6.0, 1.0, 1.0)

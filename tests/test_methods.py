@@ -1,4 +1,5 @@
 import torch
+
 from mpcl.training.data.loading import load_data
 from mpcl.training.methods import StepInfo
 from mpcl.training.methods.mean_teacher import MeanTeacherParams, consistency_weight

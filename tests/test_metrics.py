@@ -7,9 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from mpcl.training import metrics
 from mpcl.training.metrics import binary_metrics, format_table, multiclass_metrics, summarize
-from scipy import ndimage
 
 
 def _square(shape: tuple[int, int], top: int, left: int, side: int) -> np.ndarray:

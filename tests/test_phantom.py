@@ -6,6 +6,8 @@ import hashlib
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 from mpcl.training.data.phantom import (
     CLASS_NAMES,
@@ -17,7 +19,6 @@ from mpcl.training.data.phantom import (
     make_phantom_volume,
     phantom_volume_seed,
 )
-from scipy import ndimage
 
 SEEDS = range(6)
 EIGHT = np.ones((3, 3), dtype=bool)  # 8-connected one-pixel dilation

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
+from mpcl.errors import ConfigError, InputError
 from mpcl.training.checkpoint import load_checkpoint
 from mpcl.training.data.loading import load_data
 from mpcl.training.evaluate import evaluate_volumes, predict_probabilities
 from mpcl.training.trainer import Trainer, build_network
-
-from mpcl.errors import ConfigError, InputError
 
 
 def _train(config, stop_at=None, resume=None):

@@ -120,14 +120,14 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
 def eval_main(checkpoint, split, data_root, output, save_predictions, device) -> None:
     """Evaluate a checkpoint: per-volume, per-class Dice, Jaccard, HD95 and ASD."""
     import torch
+
+    from mpcl.io import write_atomically
     from mpcl.training.checkpoint import load_checkpoint
     from mpcl.training.config import config_from_dict
     from mpcl.training.data.loading import load_data
     from mpcl.training.evaluate import evaluate_volumes
     from mpcl.training.metrics import format_table
     from mpcl.training.trainer import build_network, select_device
-
-    from mpcl.io import write_atomically
 
     _setup_logging()
     state = load_checkpoint(checkpoint)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mpcl.training.data.base import Volume
-from mpcl.training.metrics import multiclass_metrics, summarize
 from tqdm import tqdm
 
 from mpcl.io import ImageGeometry, write_image
 from mpcl.preprocessing import resize_2d, through_plane_axis
+from mpcl.training.data.base import Volume
+from mpcl.training.metrics import multiclass_metrics, summarize
 
 
 @torch.no_grad()

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from mpcl.errors import ConfigError
 from mpcl.training.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from mpcl.training.config import ExperimentConfig, config_from_dict
 from mpcl.training.data.base import SegmentationData
@@ -26,9 +29,6 @@ from mpcl.training.evaluate import evaluate_volumes
 from mpcl.training.methods import Models, StepInfo, build_method
 from mpcl.training.networks import UNet
 from mpcl.training.run_log import CsvLog, plot_curves
-from tqdm import tqdm
-
-from mpcl.errors import ConfigError
 
 log = logging.getLogger("mpcl.train")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from mpcl.training.config import ACDC_PATIENTS_TO_SLICES, DataConfig
-from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 
 from mpcl.errors import InputError
+from mpcl.training.config import ACDC_PATIENTS_TO_SLICES, DataConfig
+from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 
 ACDC_CLASS_NAMES = ["background", "RV", "myocardium", "LV"]
 

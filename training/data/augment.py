@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from mpcl.training.config import AugmentConfig
 from scipy import ndimage
 
 from mpcl.preprocessing import resize_2d
+from mpcl.training.config import AugmentConfig
 
 
 def random_rot90_flip(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None):
@@ -57,7 +57,7 @@ def affine_to_patch(
         offset,
         output_shape=(out_h, out_w),
         order=1,
-        mode="constant",
+        mode="grid-constant",
         cval=0.0,
     )
     label_out = None

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from mpcl.errors import InputError
 from mpcl.training.config import DataConfig
 from mpcl.training.data.base import SegmentationData
-
-from mpcl.errors import InputError
 
 
 def load_data(config: DataConfig) -> SegmentationData:

@@ -17,12 +17,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from mpcl.training.config import DataConfig
-from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 
 from mpcl.errors import InputError
 from mpcl.io import ImageGeometry, read_image
 from mpcl.preprocessing import normalize_intensity, through_plane_axis
+from mpcl.training.config import DataConfig
+from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 

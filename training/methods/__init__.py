@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from mpcl.errors import ConfigError
 from mpcl.training.config import MethodConfig, dataclass_from_dict
 from mpcl.training.methods.base import Method, Models, StepInfo
 from mpcl.training.methods.bcp import BCP
 from mpcl.training.methods.mean_teacher import MeanTeacher
 from mpcl.training.methods.supervised import Supervised
-
-from mpcl.errors import ConfigError
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Supervised, MeanTeacher, BCP)}
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from mpcl.training.data.batches import Batch
 from torch import nn
+
+from mpcl.training.data.batches import Batch
 
 
 @dataclass

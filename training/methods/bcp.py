@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.dice import ce_dice_loss
 from mpcl.training.losses.mixing import largest_component_per_class, paste, random_box_mask
@@ -48,11 +49,7 @@ class BCP(Method):
             mixed = paste(images[:half], images[half:], mask)
             target = paste(labels[:half], labels[half:], mask)
             logits = models.student(mixed)
-            return {
-                "copy_paste_labeled": ce_dice_loss(
-                    logits, target, torch.ones_like(target, dtype=logits.dtype)
-                )
-            }
+            return {"copy_paste_labeled": ce_dice_loss(logits, target)}
         if step.iteration == self.params.pretrain_iterations:
             models.teacher.load_state_dict(models.student.state_dict())  # self-training starts from stage 1
         unlabeled = batch.unlabeled_image

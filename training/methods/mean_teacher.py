@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.consistency import sigmoid_rampup, softmax_mse
 from mpcl.training.methods.base import Method, Models, StepInfo

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.dice import ce_dice_loss, deep_supervision_loss
 from mpcl.training.methods.base import Method, Models, StepInfo
