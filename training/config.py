@@ -244,9 +244,9 @@ def config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
         _check_ranges(config)
         from mpcl.training.methods import method_class, method_params_from_config
 
-        method_params_from_config(config.method)  # validates method.params
+        params = method_params_from_config(config.method)  # validates method.params
         problem = method_class(config.method.name).check_batches(
-            config.train.labeled_batch, config.train.unlabeled_batch
+            params, config.train.labeled_batch, config.train.unlabeled_batch
         )
         if problem:
             raise ConfigError(problem)

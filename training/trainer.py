@@ -85,9 +85,13 @@ class Trainer:
         if self.method.uses_teacher:
             teacher = copy.deepcopy(student)
             teacher.requires_grad_(False)
-        extra_modules = self.method.build_extra_modules()
+        extra_modules = self.method.build_extra_modules(student)
         extra = torch.nn.ModuleDict(extra_modules).to(self.device) if extra_modules else None
-        self.models = Models(student, teacher, extra)
+        teacher_extra = None
+        if teacher is not None and extra is not None:
+            teacher_extra = copy.deepcopy(extra)
+            teacher_extra.requires_grad_(False)
+        self.models = Models(student, teacher, extra, teacher_extra)
         parameters = list(student.parameters()) + (list(extra.parameters()) if extra is not None else [])
         train = config.train
         self.optimizer = torch.optim.SGD(
@@ -122,6 +126,7 @@ class Trainer:
             "student": models.student.state_dict(),
             "teacher": models.teacher.state_dict() if models.teacher is not None else None,
             "extra": models.extra.state_dict() if models.extra is not None else None,
+            "teacher_extra": models.teacher_extra.state_dict() if models.teacher_extra is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "method_state": self.method.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -146,6 +151,8 @@ class Trainer:
             self.models.teacher.load_state_dict(state["teacher"])
         if self.models.extra is not None:
             self.models.extra.load_state_dict(state["extra"])
+        if self.models.teacher_extra is not None:
+            self.models.teacher_extra.load_state_dict(state["teacher_extra"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method_state"])
         torch.set_rng_state(state["torch_rng"])
@@ -208,7 +215,10 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         if models.teacher is not None:
-            ema_update(models.teacher, models.student, min(1 - 1 / (iteration + 1), self.method.ema_decay))
+            decay = min(1 - 1 / (iteration + 1), self.method.ema_decay)
+            ema_update(models.teacher, models.student, decay)
+            if models.teacher_extra is not None:
+                ema_update(models.teacher_extra, models.extra, decay)
         return loss.detach(), {name: value.detach() for name, value in terms.items()}, lr
 
     def fit(self, stop_at: int | None = None, progress: bool = True) -> TrainResult:
@@ -218,8 +228,9 @@ class Trainer:
         stop = min(stop_at, total) if stop_at is not None else total
         models = self.models
         models.student.train()
-        if models.teacher is not None:
-            models.teacher.train()  # as SSL4MIS: the teacher sees dropout and batch statistics
+        for module in (models.extra, models.teacher, models.teacher_extra):
+            if module is not None:
+                module.train()  # as SSL4MIS: the teacher sees dropout and batch statistics
         bar = tqdm(
             total=stop - self.start_iteration, desc=self.config.experiment, unit="it", disable=not progress
         )
@@ -235,6 +246,7 @@ class Trainer:
                 if done % train.log_every == 0 or done == stop:
                     row = {"iteration": done, "lr": lr, "loss": loss.item()}
                     row.update({f"loss_{name}": value.item() for name, value in terms.items()})
+                    row.update(self.method.diagnostics())
                     self.train_log.append(row)
                     bar.set_postfix(loss=f"{loss.item():.4f}", best_dice=f"{max(self.best_dice, 0):.3f}")
                 bar.update(1)

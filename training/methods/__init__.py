@@ -7,9 +7,10 @@ from mpcl.training.config import MethodConfig, dataclass_from_dict
 from mpcl.training.methods.base import Method, Models, StepInfo
 from mpcl.training.methods.bcp import BCP
 from mpcl.training.methods.mean_teacher import MeanTeacher
+from mpcl.training.methods.mpcl import MPCL
 from mpcl.training.methods.supervised import Supervised
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Supervised, MeanTeacher, BCP)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Supervised, MeanTeacher, BCP, MPCL)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -24,6 +24,7 @@ class Models:
     student: nn.Module
     teacher: nn.Module | None = None
     extra: nn.ModuleDict | None = None  # trainable method-specific heads (projection heads, ...)
+    teacher_extra: nn.ModuleDict | None = None  # EMA copies of ``extra`` when the method has a teacher
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,21 @@ class Method:
         return float(getattr(self.params, "ema_decay", 0.99))
 
     @classmethod
-    def check_batches(cls, labeled_batch: int, unlabeled_batch: int) -> str | None:
+    def check_batches(cls, params: Any, labeled_batch: int, unlabeled_batch: int) -> str | None:
         """A sentence saying why these batch sizes cannot work for the method, or None if they can."""
         return None
 
-    def build_extra_modules(self) -> dict[str, nn.Module]:
-        """Trainable modules besides the student (optimised with it, saved with checkpoints)."""
+    def build_extra_modules(self, student: nn.Module) -> dict[str, nn.Module]:
+        """Trainable modules besides the student (optimised with it, saved with checkpoints; the teacher
+        gets EMA copies). ``student`` tells their input sizes."""
         return {}
 
     def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers about the method's state worth logging next to the losses (not optimised)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Non-trainable method state that must survive a resume (e.g. a prototype bank)."""

@@ -29,6 +29,70 @@ class BCPParams:
     largest_component: bool = True  # filter teacher pseudo-labels to one blob per class
 
 
+def check_copy_paste_batches(labeled_batch: int, unlabeled_batch: int) -> str | None:
+    if labeled_batch % 2 or labeled_batch != unlabeled_batch:
+        return "bcp needs train.labeled_batch even and equal to train.unlabeled_batch (both are halved)"
+    return None
+
+
+@dataclass
+class CopyPasteBatch:
+    """What the student learns from in one BCP step (also the base that MPCL builds prototypes on)."""
+
+    images: torch.Tensor  # (B, 1, H, W) mixed inputs
+    target: torch.Tensor  # (B, H, W) ground truth where the pixel came from a labelled slice, else pseudo
+    weight: torch.Tensor | None  # (B, H, W) pixel loss weights; None in pre-training (all pixels are GT)
+    from_labeled: torch.Tensor  # (B, H, W) bool: the target pixel is ground truth
+    confidence: torch.Tensor  # (B, H, W) teacher max-probability of pseudo-labels, 1 on ground truth
+    stage: str  # "copy_paste_labeled" (pre-training) or "copy_paste_bidirectional"; names the loss term
+
+
+def copy_paste_batch(params: BCPParams, num_classes: int, batch: Batch, models: Models, step: StepInfo):
+    """Build the mixed batch of iteration ``step`` (and reset the teacher when self-training starts)."""
+    images, labels = batch.labeled_image, batch.labeled_label
+    half = images.shape[0] // 2
+    mask = random_box_mask(tuple(images.shape[-2:]), params.mask_ratio).to(images.device)
+    if step.iteration < params.pretrain_iterations:
+        ones = torch.ones_like(labels, dtype=images.dtype)
+        return CopyPasteBatch(
+            paste(images[:half], images[half:], mask),
+            paste(labels[:half], labels[half:], mask),
+            None,
+            torch.ones_like(labels[:half], dtype=torch.bool),
+            ones[:half],
+            "copy_paste_labeled",
+        )
+    if step.iteration == params.pretrain_iterations:  # self-training starts from the stage-1 student
+        models.teacher.load_state_dict(models.student.state_dict())
+        if models.teacher_extra is not None:
+            models.teacher_extra.load_state_dict(models.extra.state_dict())
+    unlabeled = batch.unlabeled_image
+    with torch.no_grad():
+        confidence, pseudo = torch.softmax(models.teacher(unlabeled), dim=1).max(dim=1)
+        if params.largest_component:
+            pseudo = largest_component_per_class(pseudo, num_classes)
+    image_a, image_b, label_a, label_b = images[:half], images[half:], labels[:half], labels[half:]
+    unlabeled_a, unlabeled_b = unlabeled[:half], unlabeled[half:]
+    pseudo_a, pseudo_b, confidence_a, confidence_b = (
+        pseudo[:half],
+        pseudo[half:],
+        confidence[:half],
+        confidence[half:],
+    )
+    u = params.unlabeled_weight
+    ones = torch.ones_like(label_a, dtype=images.dtype)
+    is_gt, not_gt = torch.ones_like(label_a, dtype=torch.bool), torch.zeros_like(label_a, dtype=torch.bool)
+    # labelled box in an unlabelled slice; unlabelled box in a labelled slice
+    return CopyPasteBatch(
+        images=torch.cat([paste(image_a, unlabeled_a, mask), paste(unlabeled_b, image_b, mask)]),
+        target=torch.cat([paste(label_a, pseudo_a, mask), paste(pseudo_b, label_b, mask)]),
+        weight=torch.cat([paste(ones, u * ones, mask), paste(u * ones, ones, mask)]),
+        from_labeled=torch.cat([paste(is_gt, not_gt, mask), paste(not_gt, is_gt, mask)]),
+        confidence=torch.cat([paste(ones, confidence_a, mask), paste(confidence_b, ones, mask)]),
+        stage="copy_paste_bidirectional",
+    )
+
+
 class BCP(Method):
     name = "bcp"
     Params = BCPParams
@@ -36,39 +100,10 @@ class BCP(Method):
     uses_unlabeled = True
 
     @classmethod
-    def check_batches(cls, labeled_batch: int, unlabeled_batch: int) -> str | None:
-        if labeled_batch % 2 or labeled_batch != unlabeled_batch:
-            return "bcp needs train.labeled_batch even and equal to train.unlabeled_batch (both are halved)"
-        return None
+    def check_batches(cls, params: BCPParams, labeled_batch: int, unlabeled_batch: int) -> str | None:
+        return check_copy_paste_batches(labeled_batch, unlabeled_batch)
 
     def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
-        images, labels = batch.labeled_image, batch.labeled_label
-        half = images.shape[0] // 2
-        mask = random_box_mask(tuple(images.shape[-2:]), self.params.mask_ratio).to(images.device)
-        if step.iteration < self.params.pretrain_iterations:
-            mixed = paste(images[:half], images[half:], mask)
-            target = paste(labels[:half], labels[half:], mask)
-            logits = models.student(mixed)
-            return {"copy_paste_labeled": ce_dice_loss(logits, target)}
-        if step.iteration == self.params.pretrain_iterations:
-            models.teacher.load_state_dict(models.student.state_dict())  # self-training starts from stage 1
-        unlabeled = batch.unlabeled_image
-        with torch.no_grad():
-            pseudo = models.teacher(unlabeled).argmax(1)
-            if self.params.largest_component:
-                pseudo = largest_component_per_class(pseudo, self.num_classes)
-        image_a, image_b, label_a, label_b = images[:half], images[half:], labels[:half], labels[half:]
-        unlabeled_a, unlabeled_b, pseudo_a, pseudo_b = (
-            unlabeled[:half],
-            unlabeled[half:],
-            pseudo[:half],
-            pseudo[half:],
-        )
-        u = self.params.unlabeled_weight
-        ones = torch.ones_like(label_a, dtype=images.dtype)
-        # labelled box in an unlabelled slice; unlabelled box in a labelled slice
-        mixed = torch.cat([paste(image_a, unlabeled_a, mask), paste(unlabeled_b, image_b, mask)])
-        target = torch.cat([paste(label_a, pseudo_a, mask), paste(pseudo_b, label_b, mask)])
-        weight = torch.cat([paste(ones, u * ones, mask), paste(u * ones, ones, mask)])
-        logits = models.student(mixed)
-        return {"copy_paste_bidirectional": ce_dice_loss(logits, target, weight)}
+        mixed = copy_paste_batch(self.params, self.num_classes, batch, models, step)
+        logits = models.student(mixed.images)
+        return {mixed.stage: ce_dice_loss(logits, mixed.target, mixed.weight)}

@@ -1,0 +1,296 @@
+"""Semi-supervised ACDC benchmark: train each (variant, labelled patients, seed) under one named budget,
+evaluate the best-validation checkpoint on the 40 test volumes, and keep the results in one JSON + table.
+
+Every run starts from a shipped config (``configs/acdc_*``), so the benchmark measures what users run.
+A budget overrides patch size, batch and iteration count *for every variant alike*; schedule keys of the
+method (``consistency_start``, ``pretrain_iterations``, ``warmup_iterations``, ``rampup_iterations``) are
+scaled by (budget iterations / config iterations), so e.g. BCP keeps a quarter of its run for
+pre-training whatever the budget.
+
+Each run is a child process (its own peak RSS, no state leaking between runs); finished runs are merged
+into ``benchmarks/results/ssl_acdc_<budget>.json`` as they complete, so a long list survives an
+interruption and re-running the same command skips what is done (``--force`` re-runs).
+
+    python benchmarks/ssl_acdc.py --budget cpu_quick --variants supervised mean_teacher bcp \\
+        --seeds 1 --data-root ../shared/data/acdc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+# name -> (config, dotted overrides). The ablations switch one MPCL component off on the BCP base.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "supervised": ("configs/acdc_supervised_3labeled.yaml", {}),
+    "mean_teacher": ("configs/acdc_mean_teacher_3labeled.yaml", {}),
+    "bcp": ("configs/acdc_bcp_3labeled.yaml", {}),
+    "mpcl_mt": ("configs/acdc_mpcl_mt_3labeled.yaml", {}),
+    "mpcl_bcp": ("configs/acdc_mpcl_3labeled.yaml", {}),
+    "mpcl_bcp_no_ihpg": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.ihpg": False}),
+    "mpcl_bcp_no_pso": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.pso": False}),
+    "mpcl_bcp_no_dka": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.dka": False}),
+}
+
+# Budgets: overrides applied to every variant. ``paper`` is the SSL4MIS protocol as configured (GPU).
+BUDGETS: dict[str, dict] = {
+    # spec a.4: 128², 8+8, iterations so that the slowest variant (mpcl_mt, ≈1.6 s/it measured here)
+    # finishes in about 40 minutes on 2 cores.
+    "cpu": {"patch": 128, "labeled_batch": 8, "unlabeled_batch": 8, "iterations": 1500, "val_every": 150},
+    # what a single 3-hour session on 2 cores can afford for the whole table (≈10 runs).
+    "cpu_quick": {"patch": 128, "labeled_batch": 8, "unlabeled_batch": 8, "iterations": 600, "val_every": 60},
+    "paper": {},
+    # checks the whole pipeline on real data in about a minute; its numbers mean nothing.
+    "smoke": {"patch": 64, "labeled_batch": 2, "unlabeled_batch": 2, "iterations": 4, "val_every": 4},
+}
+SCHEDULE_KEYS = {"consistency_start", "pretrain_iterations", "warmup_iterations", "rampup_iterations"}
+
+
+def _scale_schedule(params: dict, factor: float) -> dict:
+    scaled = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            scaled[key] = _scale_schedule(value, factor)
+        elif key in SCHEDULE_KEYS and isinstance(value, int):
+            scaled[key] = max(1, round(value * factor)) if value > 0 else 0
+        else:
+            scaled[key] = value
+    return scaled
+
+
+def build_run_config(variant: str, budget: str, labeled: int, seed: int, data_root: str, output_dir: Path):
+    """The validated config of one benchmark run."""
+    import yaml
+
+    from mpcl.training.config import config_from_dict
+
+    config_path, overrides = VARIANTS[variant]
+    data = yaml.safe_load((ROOT / config_path).read_text())
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    settings = BUDGETS[budget]
+    data["experiment"] = f"{variant}_l{labeled}_s{seed}_{budget}"
+    data["output_dir"] = str(output_dir)
+    data["seed"] = seed
+    data["data"].update({"root": data_root, "labeled_patients": labeled})
+    if settings:
+        factor = settings["iterations"] / data["train"]["iterations"]
+        data["data"]["patch_size"] = [settings["patch"], settings["patch"]]
+        data["train"].update(
+            iterations=settings["iterations"],
+            labeled_batch=settings["labeled_batch"],
+            unlabeled_batch=settings["unlabeled_batch"],
+            val_every=settings["val_every"],
+            checkpoint_every=settings["iterations"],
+        )
+        data["method"]["params"] = _scale_schedule(data["method"].get("params") or {}, factor)
+    return config_from_dict(data, f"{config_path} under budget {budget}")
+
+
+def run_one(variant: str, budget: str, labeled: int, seed: int, data_root: str, runs_dir: Path) -> dict:
+    """Train and test one run in this process; returns its result record."""
+    import logging
+
+    import torch
+
+    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.training.data.loading import load_data
+    from mpcl.training.evaluate import evaluate_volumes
+    from mpcl.training.trainer import Trainer, build_network
+
+    output_dir = runs_dir / budget / f"{variant}_l{labeled}_s{seed}"
+    config = build_run_config(variant, budget, labeled, seed, data_root, output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(output_dir / "train.log"), logging.StreamHandler()],
+        force=True,
+    )
+    data = load_data(config.data)
+    started = time.perf_counter()
+    trainer = Trainer(config, data)
+    result = trainer.fit(progress=False)
+    train_seconds = time.perf_counter() - started
+    state = load_checkpoint(result.best_checkpoint)
+    model = build_network(config, data.num_classes)
+    model.load_state_dict(state["student"])
+    model.to(trainer.device)
+    test_started = time.perf_counter()
+    evaluation = evaluate_volumes(
+        model, data.test_volumes, data.class_names, tuple(config.data.patch_size), trainer.device
+    )
+    return {
+        "variant": variant,
+        "method": config.method.name,
+        "labeled_patients": labeled,
+        "seed": seed,
+        "iterations": config.train.iterations,
+        "patch_size": list(config.data.patch_size),
+        "batch": [config.train.labeled_batch, config.train.unlabeled_batch],
+        "method_params": config.method.params,
+        "best_val_mean_dice": result.best_val_dice,
+        "best_iteration": result.best_iteration,
+        "seconds_per_iteration": result.seconds_per_iteration,
+        "train_wall_seconds": train_seconds,
+        "test_seconds": time.perf_counter() - test_started,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": (torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+        "device": str(trainer.device),
+        "test_volumes": len(data.test_volumes),
+        "test": evaluation["summary"],
+        "test_cases": evaluation["cases"],
+    }
+
+
+# -- aggregation and reporting -------------------------------------------------------------------
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+def _mean_sd(values: list[float | None]) -> str:
+    values = [value for value in values if value is not None]  # HD95/ASD undefined for empty masks
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+def markdown_table(report: dict) -> str:
+    """One row per (variant, labelled): mean ± sd over seeds of the test metrics (Dice/Jaccard in %)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in report["runs"]:
+        groups.setdefault((run["variant"], run["labeled_patients"]), []).append(run)
+    class_names = [name for name in report["runs"][0]["test"] if name not in ("mean", "background")]
+    header = ["variant", "labelled", "seeds", "mean Dice %", "Jaccard %", "HD95 mm", "ASD mm"]
+    header += [f"Dice {name} %" for name in class_names] + ["s/it", "train min"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = list(VARIANTS)
+    for (variant, labeled), runs in sorted(
+        groups.items(), key=lambda item: (item[0][1], order.index(item[0][0]))
+    ):
+        scale = {"dice": 100, "jaccard": 100, "hd95": 1, "asd": 1}
+        cells = [variant, str(labeled), ",".join(str(run["seed"]) for run in runs)]
+        cells += [
+            _mean_sd([_scaled(run["test"]["mean"][m]["mean"], scale[m]) for run in runs]) for m in METRICS
+        ]
+        cells += [_mean_sd([run["test"][name]["dice"]["mean"] * 100 for run in runs]) for name in class_names]
+        cells += [
+            f"{statistics.median(run['seconds_per_iteration'] for run in runs):.2f}",
+            f"{statistics.median(run['train_wall_seconds'] for run in runs) / 60:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _load_report(path: Path, budget: str) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"budget": budget, "budget_settings": BUDGETS[budget], "runs": []}
+
+
+def _write_report(report: dict, json_path: Path) -> None:
+    import torch
+
+    report["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    report["runs"].sort(
+        key=lambda run: (run["labeled_patients"], list(VARIANTS).index(run["variant"]), run["seed"])
+    )
+    temporary = json_path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(report, indent=1))
+    temporary.replace(json_path)
+    json_path.with_suffix(".md").write_text(
+        f"# ACDC semi-supervised benchmark, budget `{report['budget']}`\n\n"
+        f"Budget settings: `{json.dumps(report['budget_settings'])}`. Test set: 40 volumes; metrics of "
+        "the best-validation checkpoint; mean ± sd over seeds where several.\n\n" + markdown_table(report)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["supervised"])
+    parser.add_argument("--labeled", nargs="+", type=int, default=[3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "acdc"))
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "benchmark")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--force", action="store_true", help="re-run runs already in the results file")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child-process mode
+    parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one:
+        record = run_one(
+            args.variants[0], args.budget, args.labeled[0], args.seeds[0], args.data_root, args.runs_dir
+        )
+        args.result_file.write_text(json.dumps(record))
+        return
+
+    json_path = args.results_dir / f"ssl_acdc_{args.budget}.json"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    report = _load_report(json_path, args.budget)
+    for labeled in args.labeled:
+        for variant in args.variants:
+            for seed in args.seeds:
+                key = (variant, labeled, seed)
+                done = [r for r in report["runs"] if (r["variant"], r["labeled_patients"], r["seed"]) == key]
+                if done and not args.force:
+                    print(f"skip {key}: already in {json_path.name}", flush=True)
+                    continue
+                result_file = args.runs_dir / args.budget / f"{variant}_l{labeled}_s{seed}.result.json"
+                result_file.parent.mkdir(parents=True, exist_ok=True)
+                command = [
+                    sys.executable, __file__, "--one", "--budget", args.budget, "--variants", variant,
+                    "--labeled", str(labeled), "--seeds", str(seed), "--data-root", args.data_root,
+                    "--runs-dir", str(args.runs_dir), "--result-file", str(result_file),
+                ]  # fmt: skip
+                print(f"run {key} under budget {args.budget} ...", flush=True)
+                started = time.perf_counter()
+                subprocess.run(command, check=True)
+                record = json.loads(result_file.read_text())
+                report = _load_report(json_path, args.budget)  # another invocation may have added runs
+                report["runs"] = [
+                    r for r in report["runs"] if (r["variant"], r["labeled_patients"], r["seed"]) != key
+                ] + [record]
+                _write_report(report, json_path)
+                mean = record["test"]["mean"]
+                print(
+                    f"done {key} in {(time.perf_counter() - started) / 60:.1f} min: test mean Dice "
+                    f"{_mean_sd([_scaled(mean['dice']['mean'], 100)])} %, "
+                    f"HD95 {_mean_sd([mean['hd95']['mean']])} mm",
+                    flush=True,
+                )
+    if report["runs"]:
+        print(markdown_table(report))
+        print(f"written {json_path} and {json_path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
