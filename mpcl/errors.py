@@ -15,3 +15,11 @@ class InputError(MPCLError, ValueError):
 
 class ConfigError(MPCLError, ValueError):
     """A configuration file or key is invalid."""
+
+
+class ModelPackageError(MPCLError, ValueError):
+    """A model package (model.json + files) is missing, malformed, of unknown version, or inconsistent."""
+
+
+class Cancelled(MPCLError):
+    """A run was stopped through its ``cancel_event``; nothing was written."""

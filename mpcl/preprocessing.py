@@ -32,7 +32,7 @@ def normalize_intensity(
         return data
     if scheme == "zscore":
         std = float(data.std())
-        return ((data - float(data.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
+        return ((data - float(data.mean())) / (std if std > 0 else 1.0)).astype(np.float32, copy=False)
     if scheme == "percentile":
         lower, upper = np.percentile(data, [params.get("lower", 0.5), params.get("upper", 99.5)])
         data = np.clip(data, lower, upper)
@@ -41,7 +41,7 @@ def normalize_intensity(
     low, high = float(data.min()), float(data.max())
     if high <= low:
         return np.zeros_like(data, dtype=np.float32)
-    return ((data - low) / (high - low)).astype(np.float32)
+    return ((data - low) / (high - low)).astype(np.float32, copy=False)  # no extra volume-sized copy
 
 
 def _axis_coordinates(n_in: int, n_out: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The runtime package (mpcl, mpcl.io, mpcl.preprocessing, mpcl.errors) must work where torch is absent."""
+"""The runtime package (mpcl, its Segmenter, model packages, the ONNX Runtime backend and mpcl-segment)
+must work where torch is absent."""
 
 from __future__ import annotations
 
@@ -10,7 +11,19 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-RUNTIME_MODULES = ["mpcl", "mpcl.errors", "mpcl.preprocessing", "mpcl.io"]
+RUNTIME_MODULES = [
+    "mpcl",
+    "mpcl.errors",
+    "mpcl.preprocessing",
+    "mpcl.io",
+    "mpcl.model_package",
+    "mpcl.inputs",
+    "mpcl.postprocessing",
+    "mpcl.backends",
+    "mpcl.backends.onnxruntime_backend",
+    "mpcl.segmenter",
+    "mpcl.cli_segment",
+]
 
 _BLOCKER = textwrap.dedent(
     """
@@ -97,3 +110,54 @@ def test_runtime_import_does_not_load_torch():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_import_mpcl_does_no_work():
+    """``import mpcl`` loads no backend library; ``from mpcl import Segmenter`` still loads no torch."""
+    code = (
+        "import json, sys\n"
+        "import mpcl\n"
+        "heavy = sorted(n for n in ('torch', 'onnxruntime', 'mpcl.segmenter') if n in sys.modules)\n"
+        "from mpcl import Segmenter, load_model_package\n"
+        "print(json.dumps([heavy, 'torch' in sys.modules]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [[], False]
+
+
+def test_segmenter_and_cli_run_without_torch(tmp_path):
+    """A package made by training (with torch) is used where torch cannot be imported."""
+    from mpcl.io import write_image
+    from tests.segment_helpers import GEOMETRY, make_package, phantom_volume
+
+    package = make_package(tmp_path)
+    scan = write_image(phantom_volume(), GEOMETRY, tmp_path / "case.nii.gz")
+    result = _run(
+        f"""
+        import json
+        import numpy as np
+        from mpcl import Segmenter
+        from mpcl.cli_segment import segment_main
+        from mpcl.errors import ConfigError
+
+        segmenter = Segmenter.from_pretrained({str(package)!r})
+        result = segmenter({str(scan)!r}, uncertainty=True)
+        result.save({str(tmp_path / "api.seg.nrrd")!r})
+        cli_args = [{str(scan)!r}, "-o", {str(tmp_path / "cli.nii.gz")!r}, "--model", {str(package)!r}]
+        code = segment_main(cli_args)
+        try:
+            Segmenter.from_pretrained({str(package)!r}, backend="torch")
+        except ConfigError as error:
+            torch_error = str(error)
+        print(json.dumps([segmenter.backend.name, int(result.label_map.max()) >= 0, code, torch_error,
+                          "torch" in sys.modules]))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    backend, ok, code, torch_error, torch_loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (backend, ok, code, torch_loaded) == ("onnxruntime", True, 0, False)
+    assert "torch is not installed" in torch_error
+    assert (tmp_path / "api.seg.nrrd").is_file() and (tmp_path / "cli.nii.gz").is_file()

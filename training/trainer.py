@@ -11,6 +11,7 @@ the uninterrupted run would have.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import time
@@ -294,12 +295,28 @@ class Trainer:
             "device": str(self.device),
         }
         (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        self._write_model_package()
         log.info(
             "finished: %d iterations at %.3f s/it; best validation mean Dice %.4f at iteration %d",
             result.iterations_run,
             result.seconds_per_iteration,
             result.best_val_dice,
             result.best_iteration,
+        )
+
+
+    def _write_model_package(self) -> None:
+        """The deployable package (model.json + weights [+ ONNX]) that ``mpcl.Segmenter`` loads."""
+        from mpcl.training.package import write_model_package
+
+        best = self.output_dir / "best.pt"
+        source = best if best.exists() else self.output_dir / "latest.pt"
+        with_onnx = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+        write_model_package(source, self.output_dir / "model", onnx=with_onnx, overwrite=True)
+        log.info(
+            "model package written to %s%s",
+            self.output_dir / "model",
+            "" if with_onnx else " (torch weights only: install mpcl[export] for the ONNX model)",
         )
 
 

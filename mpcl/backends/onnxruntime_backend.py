@@ -1,0 +1,79 @@
+"""ONNX Runtime backend: the default, on CPU or with the CUDA execution provider."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpcl.backends import module_available
+from mpcl.errors import ModelPackageError
+from mpcl.model_package import ModelPackage
+
+
+def unavailable_reason(package: ModelPackage, device: str) -> str | None:
+    if not package.has("onnx"):
+        return "the package has no ONNX file"
+    if not module_available("onnxruntime"):
+        return "onnxruntime is not installed"
+    if device.startswith("cuda"):
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    return None
+
+
+class OnnxRuntimeBackend:
+    """One InferenceSession, built once; ``run`` feeds whole batches (the batch axis is dynamic)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, package: ModelPackage, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime
+
+        path = package.path_of("onnx")
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        providers: list = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            index = int(device.split(":")[1]) if ":" in device else 0
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelPackageError(f"{path}: cannot be loaded by onnxruntime ({first[:200]})") from None
+        self.device = device
+        self.version = onnxruntime.__version__
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or not outputs:
+            raise ModelPackageError(f"{path}: expected one input and a logits output")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        _check_shape(path, "input", inputs[0].shape, package.in_channels, package.patch_size)
+        _check_shape(path, "output", outputs[0].shape, package.num_classes, package.patch_size)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        logits = self.session.run([self.output_name], {self.input_name: batch})[0]
+        return np.asarray(logits, dtype=np.float32)
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.version}, {self.session.get_providers()[0]}"
+
+
+def _check_shape(path, what: str, shape, channels: int, patch: tuple[int, int]) -> None:
+    """Refuse an ONNX file whose static channel or spatial sizes contradict model.json."""
+    if len(shape) != 4:
+        raise ModelPackageError(f"{path}: {what} has rank {len(shape)}; expected (N, C, H, W)")
+    expected = (None, channels, *patch)
+    for axis, (actual, wanted) in enumerate(zip(shape, expected, strict=True)):
+        if wanted is not None and isinstance(actual, int) and actual != wanted:
+            label = "channels/classes" if axis == 1 else "patch size"
+            raise ModelPackageError(
+                f"{path}: {what} shape {list(shape)} does not match model.json "
+                f"({label}: expected {expected[1] if axis == 1 else list(patch)})"
+            )
+
+
+def create(package: ModelPackage, device: str, threads: int | None = None, **_ignored) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(package, device, threads)

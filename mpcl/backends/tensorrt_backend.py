@@ -1,0 +1,105 @@
+"""TensorRT backend: a serialized engine from the package (added by ``mpcl-export``), on a CUDA GPU.
+
+Engines are specific to a GPU model and a TensorRT version, so this backend is only picked when the
+package lists one, TensorRT is importable and a GPU is present. Device buffers and the CUDA stream come
+from torch (always installed next to TensorRT in practice), which keeps this module free of pycuda.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpcl.backends import gpu_present, module_available
+from mpcl.errors import ModelPackageError
+from mpcl.model_package import ModelPackage
+
+
+def unavailable_reason(package: ModelPackage, device: str) -> str | None:
+    if not package.has("tensorrt"):
+        return "the package has no TensorRT engine"
+    if not device.startswith("cuda"):
+        return "TensorRT needs a CUDA GPU"
+    if not module_available("tensorrt"):
+        return "tensorrt is not installed (pip install 'mpcl[trt]')"
+    if not module_available("torch"):
+        return "the TensorRT backend needs torch (with CUDA) for its device buffers"
+    if not gpu_present():
+        return "no NVIDIA GPU found"
+    return None
+
+
+class TensorRTBackend:
+    """Runs batches up to the engine profile's maximum, splitting larger ones."""
+
+    name = "tensorrt"
+
+    def __init__(self, package: ModelPackage, device: str = "cuda") -> None:
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise ModelPackageError(
+                "the TensorRT backend needs the tensorrt package (pip install 'mpcl[trt]')"
+            ) from None
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelPackageError("the TensorRT backend needs a CUDA GPU visible to torch")
+        path = package.path_of("tensorrt")
+        self.trt, self.torch = trt, torch
+        self.device = device if ":" in device else "cuda:0"
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        with torch.cuda.device(self.device):
+            self.runtime = trt.Runtime(self.logger)
+            self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if self.engine is None:
+                raise ModelPackageError(
+                    f"{path}: TensorRT {trt.__version__} cannot load this engine (built for another "
+                    "TensorRT version or GPU; rebuild it with mpcl-export)"
+                )
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or not outputs:
+            raise ModelPackageError(f"{path}: expected an engine with one input and a logits output")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        self.input_dtype = self._torch_dtype(self.engine.get_tensor_dtype(self.input_name))
+        self.output_dtype = self._torch_dtype(self.engine.get_tensor_dtype(self.output_name))
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def _torch_dtype(self, trt_dtype):
+        mapping = {self.trt.float32: self.torch.float32, self.trt.float16: self.torch.float16}
+        if trt_dtype not in mapping:
+            raise ModelPackageError(f"engine tensor type {trt_dtype} is not supported (float32/float16 only)")
+        return mapping[trt_dtype]
+
+    def _run_chunk(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            x = torch.from_numpy(batch).to(self.device, self.input_dtype, non_blocking=True).contiguous()
+            self.context.set_input_shape(self.input_name, tuple(x.shape))
+            out = torch.empty(
+                tuple(self.context.get_tensor_shape(self.output_name)),
+                dtype=self.output_dtype,
+                device=self.device,
+            )
+            self.context.set_tensor_address(self.input_name, x.data_ptr())
+            self.context.set_tensor_address(self.output_name, out.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            result = out.float().cpu().numpy()
+        return result
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        chunks = [
+            self._run_chunk(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)
+        ]
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    def describe(self) -> str:
+        return f"TensorRT {self.trt.__version__}, max batch {self.max_batch}"
+
+
+def create(package: ModelPackage, device: str, **_ignored) -> TensorRTBackend:
+    return TensorRTBackend(package, device)

@@ -1,0 +1,142 @@
+"""``mpcl-segment``: segment scans from the command line with a model package.
+
+    mpcl-segment scan.nii.gz -o scan_seg.nii.gz --model runs/acdc/model
+    mpcl-segment cases/*.nii.gz dicom_folder/ -o out/ --model runs/acdc/model --tta --uncertainty
+
+One line per case goes to stdout (``[i/n] done NAME -> PATH (s)`` or ``[i/n] failed NAME: reason``),
+so a parent process such as the 3D Slicer module can follow a batch; logs go to stderr. A case that fails
+leaves nothing on disk and the others still run. Exit codes: 0 all written, 1 some case failed,
+2 nothing was run (bad model package, arguments, or outputs that already exist without --overwrite),
+130 interrupted. argparse only, so the runtime needs no extra dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import mpcl
+from mpcl.errors import MPCLError
+
+FORMATS = ("nii.gz", "nii", "nrrd", "mha", "seg.nrrd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpcl-segment",
+        description="Segment scans (NIfTI/NRRD/MHA files or DICOM folders) with an MPCL model package.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or DICOM series folders")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output file (one input, with an image suffix) or folder (outputs named <case>.<format>)",
+    )
+    parser.add_argument("--model", required=True, help="model package folder (holding model.json)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "torch", "tensorrt"))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--tta", action="store_true", help="average over flipped copies (4x slower)")
+    parser.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities")
+    parser.add_argument("--uncertainty", action="store_true", help="also write <case>_uncertainty (entropy)")
+    parser.add_argument("--format", default="nii.gz", choices=FORMATS, help="output format in folder mode")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    parser.add_argument("--series", help="DICOM series instance UID, for folders holding several series")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per network call (default 8)")
+    parser.add_argument("--threads", type=int, help="CPU threads for the backend (default: all cores)")
+    parser.add_argument("--no-postprocess", action="store_true", help="skip the package's post-processing")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only the per-case lines and errors")
+    parser.add_argument("--version", action="version", version=f"mpcl {mpcl.__version__}")
+    return parser
+
+
+def _targets(inputs: Sequence[str], output: str, fmt: str) -> list[Path]:
+    from mpcl.inputs import case_name
+    from mpcl.segmenter import OUTPUT_SUFFIXES
+
+    out = Path(output)
+    if len(inputs) == 1 and str(out).lower().endswith(OUTPUT_SUFFIXES) and not out.is_dir():
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise MPCLError(f"{out}: is a file; with several inputs give an output folder")
+    targets = [out / f"{case_name(source)}.{fmt}" for source in inputs]
+    names = [target.name for target in targets]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise MPCLError(f"several inputs would write the same output(s) {duplicates}; rename them")
+    return targets
+
+
+def _emit(line: str) -> None:
+    print(line, flush=True)
+
+
+def segment_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mpcl-segment``; returns (and exits with) the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    code = _run(args)
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mpcl.segmenter import Segmenter, output_paths, refuse_existing
+
+    try:
+        targets = _targets(args.inputs, args.output, args.format)
+        for target in targets:
+            refuse_existing(
+                output_paths(target, args.probabilities, args.uncertainty).values(), args.overwrite
+            )
+        segmenter = Segmenter.from_pretrained(
+            args.model,
+            args.backend,
+            args.device,
+            batch_size=args.batch_size,
+            tta=args.tta,
+            postprocess=not args.no_postprocess,
+            threads=args.threads,
+        )
+    except MPCLError as error:
+        print(f"Error: {error}", file=sys.stderr, flush=True)
+        return 2
+    total, failures = len(targets), 0
+    for index, (source, target) in enumerate(zip(args.inputs, targets, strict=True), 1):
+        started = time.perf_counter()
+        try:
+            result, written = segmenter.segment_to_files(
+                source,
+                target,
+                probabilities=args.probabilities,
+                uncertainty=args.uncertainty,
+                overwrite=args.overwrite,
+                dicom_series=args.series,
+            )
+        except MPCLError as error:
+            failures += 1
+            _emit(f"[{index}/{total}] failed {source}: {error}")
+            print(f"Error: {error}", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:
+            _emit(f"[{index}/{total}] interrupted {source}; nothing was written for it")
+            return 130
+        extras = "".join(f", {key} {path}" for key, path in written.items() if key != "segmentation")
+        _emit(
+            f"[{index}/{total}] done {result.name} -> {written['segmentation']}{extras} "
+            f"({time.perf_counter() - started:.2f} s, {segmenter.backend.name})"
+        )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    segment_main()

@@ -1,0 +1,199 @@
+"""Turn whatever a user hands the Segmenter into a (z, y, x) float32 array plus its geometry.
+
+Accepted: a path to a NIfTI / NRRD / MHA (any format SimpleITK reads) file, a DICOM series folder, a
+SimpleITK image, a nibabel image, or ``(array, spacing)`` with the array in SimpleITK axis order (z, y, x)
+and the spacing in (x, y, z) order (or ``(array, ImageGeometry)``). Every refusal is one sentence naming
+the input: unreadable file, 4D or multi-component image, empty or ambiguous DICOM folder, non-finite
+voxels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from mpcl.errors import InputError
+from mpcl.io import ImageGeometry, read_image
+
+IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".img", ".hdr")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An input ready for preprocessing: ``array`` is (z, y, x) float32, ``name`` names the case."""
+
+    array: np.ndarray
+    geometry: ImageGeometry
+    name: str
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """File name without its image suffix (``case_001.nii.gz`` -> ``case_001``); folders keep their name."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_nibabel_image(source: Any) -> bool:
+    return all(hasattr(source, attribute) for attribute in ("affine", "dataobj", "header"))
+
+
+def _from_sitk(image: sitk.Image, where: str) -> tuple[np.ndarray, ImageGeometry]:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{where}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "expected a scalar (grey-level) image"
+        )
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries([image])
+    if image.GetDimension() != 3:
+        raise InputError(f"{where}: is a {image.GetDimension()}D image; expected a 3D volume")
+    return np.array(sitk.GetArrayViewFromImage(image), dtype=np.float32), ImageGeometry.of(image)
+
+
+def _describe_series(folder: Path, series_id: str) -> str:
+    """'UID (MR, cine SAX, 12 files)': enough for a user to pick the right series."""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+    details = []
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        reader.ReadImageInformation()
+        for tag in ("0008|0060", "0008|103e"):  # modality, series description
+            if reader.HasMetaDataKey(tag) and reader.GetMetaData(tag).strip():
+                details.append(reader.GetMetaData(tag).strip())
+    except RuntimeError:
+        pass
+    details.append(f"{len(files)} files")
+    return f"{series_id} ({', '.join(details)})"
+
+
+def read_dicom_folder(folder: Path, series_id: str | None = None) -> tuple[np.ndarray, ImageGeometry]:
+    """Read one DICOM series from a folder; refuse an empty folder or an ambiguous one (listing series)."""
+    series = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    if not series:
+        raise InputError(f"{folder}: no DICOM series found in this folder")
+    if series_id is None:
+        if len(series) > 1:
+            listed = "; ".join(_describe_series(folder, s) for s in series)
+            raise InputError(
+                f"{folder}: holds {len(series)} DICOM series ({listed}); choose one with "
+                "dicom_series=<series UID> (CLI: --series <UID>)"
+            )
+        series_id = series[0]
+    elif series_id not in series:
+        raise InputError(f"{folder}: has no DICOM series {series_id!r}; it holds {series}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        last = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise InputError(f"{folder}: DICOM series {series_id} cannot be read ({last})") from None
+    return _from_sitk(image, f"{folder} (DICOM series {series_id})")
+
+
+def _from_nibabel(image: Any, where: str) -> tuple[np.ndarray, ImageGeometry]:
+    """nibabel stores (x, y, z) arrays and a RAS affine; ITK/SimpleITK use (z, y, x) arrays and LPS."""
+    data = np.asanyarray(image.dataobj)
+    if data.dtype.fields is not None:
+        raise InputError(f"{where}: has structured (e.g. RGB) voxels; expected a scalar image")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise InputError(f"{where}: is a {data.ndim}D image; expected a 3D volume")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    matrix = ras_to_lps @ affine[:3, :3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    spacing[spacing == 0] = 1.0
+    direction = matrix / spacing
+    origin = ras_to_lps @ affine[:3, 3]
+    geometry = ImageGeometry(
+        tuple(float(v) for v in spacing),
+        tuple(float(v) for v in origin),
+        tuple(float(v) for v in direction.ravel()),
+    )
+    return np.ascontiguousarray(np.transpose(data, (2, 1, 0)), dtype=np.float32), geometry
+
+
+def _spacing(value: Any, where: str) -> tuple[float, float, float]:
+    try:
+        spacing = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        spacing = ()
+    if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise InputError(f"{where}: spacing must be three positive numbers in (x, y, z) order, got {value!r}")
+    return spacing  # type: ignore[return-value]
+
+
+def _from_array(array: Any, spatial: Any, where: str = "array") -> tuple[np.ndarray, ImageGeometry]:
+    data = np.asarray(array)
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool) or np.iscomplexobj(data):
+        raise InputError(f"{where}: expected a real-valued numeric array, got dtype {data.dtype}")
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise InputError(f"{where}: is a {data.ndim}D array; expected a 3D volume in (z, y, x) order")
+    geometry = (
+        spatial if isinstance(spatial, ImageGeometry) else ImageGeometry(spacing=_spacing(spatial, where))
+    )
+    return data.astype(np.float32, copy=False), geometry
+
+
+def load_input(
+    source: Any, spacing: Sequence[float] | None = None, dicom_series: str | None = None
+) -> LoadedImage:
+    """Read ``source`` into a :class:`LoadedImage` (see the module docstring for what is accepted).
+
+    Numpy input is in SimpleITK axis order (z, y, x) with ``spacing`` in (x, y, z) order: pass
+    ``(array, spacing)`` or ``array`` with ``spacing=``.
+    """
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        name = case_name(path)
+        if not path.exists():
+            raise InputError(f"{path}: file or folder does not exist")
+        array, geometry = read_dicom_folder(path, dicom_series) if path.is_dir() else read_image(path)
+        where = str(path)
+    elif isinstance(source, sitk.Image):
+        name = where = "SimpleITK image"
+        array, geometry = _from_sitk(source, where)
+    elif _is_nibabel_image(source):
+        filename = source.get_filename() if hasattr(source, "get_filename") else None
+        name = case_name(filename) if filename else "nibabel image"
+        where = filename or "nibabel image"
+        array, geometry = _from_nibabel(source, where)
+    elif isinstance(source, tuple | list) and len(source) == 2 and spacing is None:
+        name = where = "array"
+        array, geometry = _from_array(source[0], source[1])
+    elif isinstance(source, np.ndarray):
+        if spacing is None:
+            raise InputError(
+                "array: a numpy array needs its spacing; pass (array, (sx, sy, sz)) with the array in "
+                "(z, y, x) order and the spacing in (x, y, z) order"
+            )
+        name = where = "array"
+        array, geometry = _from_array(source, spacing)
+    else:
+        raise InputError(
+            f"cannot segment a {type(source).__name__}; give a path, a DICOM folder, a SimpleITK image, "
+            "a nibabel image or (array, spacing)"
+        )
+    if array.size == 0:
+        raise InputError(f"{where}: the image is empty (shape {array.shape})")
+    if not np.isfinite(array).all():
+        raise InputError(f"{where}: contains non-finite voxel values (NaN or inf)")
+    return LoadedImage(array, geometry, name)

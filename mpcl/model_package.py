@@ -1,0 +1,366 @@
+"""Model packages: a folder holding ``model.json`` plus the network as ONNX and/or a torch checkpoint.
+
+``model.json`` is the contract between training and every runtime. It names the classes (value, colour),
+the intensity normalisation and patch size the network was trained with, the in-plane resampling policy,
+the optional post-processing, and every network file with its SHA-256, so that a swapped or truncated
+file is caught before it silently produces a wrong segmentation. Unknown format versions are refused
+rather than guessed at. Reading a package needs neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpcl.errors import ModelPackageError
+from mpcl.io import write_atomically
+from mpcl.preprocessing import NORMALIZATION_SCHEMES
+
+PACKAGE_FORMAT = "mpcl-model-package"
+PACKAGE_VERSION = 1
+MODEL_JSON = "model.json"
+FILE_ROLES = ("onnx", "torch", "tensorrt")
+
+# The only in-plane policy this runtime implements; it is what training evaluation does
+# (mpcl.training.evaluate.predict_probabilities): slices along the coarsest-spaced axis, each resized
+# (corner-aligned bilinear) to the patch, probabilities resized back before the argmax.
+RESAMPLING_POLICY: dict[str, Any] = {
+    "slice_axis": "coarsest_spacing",
+    "in_plane": "resize_to_patch",
+    "image_interpolation": "linear",
+    "probability_interpolation": "linear",
+    "align_corners": True,
+}
+
+# 3D Slicer's generic anatomy colours, so segments look familiar there; background is black.
+DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
+    (128, 174, 128),
+    (241, 214, 145),
+    (177, 122, 101),
+    (111, 184, 210),
+    (216, 101, 79),
+    (221, 130, 101),
+    (144, 238, 144),
+    (192, 104, 88),
+    (220, 245, 20),
+    (78, 63, 0),
+    (255, 250, 220),
+    (230, 220, 70),
+    (200, 200, 235),
+    (250, 250, 210),
+    (244, 214, 49),
+    (0, 151, 206),
+    (216, 101, 79),
+    (183, 156, 220),
+    (183, 214, 211),
+    (152, 189, 207),
+)
+
+
+@dataclass(frozen=True)
+class ClassLabel:
+    """One output class: its name, the voxel value written for it, and its display colour (0-255 RGB)."""
+
+    name: str
+    value: int
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """A network file of the package, with the checksum recorded when it was written."""
+
+    role: str
+    path: Path
+    sha256: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Postprocessing:
+    """Class values whose mask keeps only its largest 3D component / gets its in-slice holes filled."""
+
+    largest_component: tuple[int, ...] = ()
+    fill_holes: tuple[int, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.largest_component or self.fill_holes)
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A validated model package; construct it with :func:`load_model_package`."""
+
+    root: Path
+    classes: tuple[ClassLabel, ...]
+    in_channels: int
+    normalization: dict[str, Any]
+    patch_size: tuple[int, int]
+    resampling: dict[str, Any]
+    postprocessing: Postprocessing
+    method: str
+    network: dict[str, Any]
+    files: dict[str, PackageFile]
+    mpcl_version: str
+    name: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [label.name for label in self.classes]
+
+    @property
+    def labels(self) -> dict[str, ClassLabel]:
+        """Class name -> ClassLabel (name, value, colour), in value order."""
+        return {label.name: label for label in self.classes}
+
+    @property
+    def normalization_scheme(self) -> str:
+        return str(self.normalization["scheme"])
+
+    @property
+    def normalization_params(self) -> dict[str, Any]:
+        return {key: value for key, value in self.normalization.items() if key != "scheme"}
+
+    def has(self, role: str) -> bool:
+        return role in self.files
+
+    def path_of(self, role: str, verify: bool = True) -> Path:
+        """Path of the file with this role, checked to exist and (``verify``) to match its checksum."""
+        if role not in self.files:
+            raise ModelPackageError(f"{self.root / MODEL_JSON}: the package has no {role} file")
+        entry = self.files[role]
+        if not entry.path.is_file():
+            raise ModelPackageError(
+                f"{self.root / MODEL_JSON}: lists {entry.path.name} as its {role} file but it is missing"
+            )
+        if verify and entry.sha256 and sha256_of(entry.path) != entry.sha256:
+            raise ModelPackageError(
+                f"{entry.path}: does not match the SHA-256 recorded in {MODEL_JSON} "
+                "(the file was replaced or corrupted; re-export the package)"
+            )
+        return entry.path
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_color(value: int) -> tuple[int, int, int]:
+    return (0, 0, 0) if value == 0 else DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS)]
+
+
+def build_model_json(
+    metadata: Mapping[str, Any],
+    files: Mapping[str, Mapping[str, Any]],
+    *,
+    name: str = "",
+    colors: Mapping[str, tuple[int, int, int]] | None = None,
+    postprocessing: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """model.json content from checkpoint metadata (``mpcl.training.checkpoint.build_metadata``).
+
+    ``files`` maps a role (onnx, torch, tensorrt) to ``{"path": relative name, "sha256": ..., ...}``;
+    ``postprocessing`` is ``{"largest_component": [class names] or true, "fill_holes": [...] or true}``.
+    """
+    colors = dict(colors or {})
+    class_names = list(metadata["class_names"])
+    return {
+        "format": PACKAGE_FORMAT,
+        "format_version": PACKAGE_VERSION,
+        "name": name,
+        "mpcl_version": str(metadata.get("mpcl_version", "")),
+        "method": str(metadata.get("method", "")),
+        "classes": [
+            {"name": class_name, "value": value, "color": list(colors.get(class_name, default_color(value)))}
+            for value, class_name in enumerate(class_names)
+        ],
+        "in_channels": int(metadata.get("in_channels", 1)),
+        "normalization": dict(metadata["normalization"]),
+        "patch_size": [int(v) for v in metadata["patch_size"]],
+        "resampling": dict(RESAMPLING_POLICY),
+        "postprocessing": dict(postprocessing or {"largest_component": [], "fill_holes": []}),
+        "network": dict(metadata.get("network", {})),
+        "files": {role: dict(entry) for role, entry in files.items()},
+    }
+
+
+def _fail(where: Path, message: str) -> ModelPackageError:
+    return ModelPackageError(f"{where}: {message}")
+
+
+def _class_values(where: Path, key: str, spec: Any, classes: tuple[ClassLabel, ...]) -> tuple[int, ...]:
+    foreground = [label for label in classes if label.value != 0]
+    if spec is True:
+        return tuple(label.value for label in foreground)
+    if spec in (False, None):
+        return ()
+    if not isinstance(spec, list):
+        raise _fail(where, f"postprocessing.{key} must be true, false or a list of class names")
+    by_name = {label.name: label.value for label in classes}
+    unknown = [item for item in spec if item not in by_name]
+    if unknown:
+        raise _fail(
+            where, f"postprocessing.{key} names unknown class(es) {unknown}; classes are {list(by_name)}"
+        )
+    return tuple(sorted({by_name[item] for item in spec} - {0}))
+
+
+def parse_model_json(data: Any, root: Path) -> ModelPackage:
+    """Validate model.json content (already parsed) and resolve its files relative to ``root``."""
+    where = root / MODEL_JSON
+    if not isinstance(data, dict) or data.get("format") != PACKAGE_FORMAT:
+        raise _fail(where, f'not an MPCL model package (no "format": "{PACKAGE_FORMAT}")')
+    version = data.get("format_version")
+    if version != PACKAGE_VERSION:
+        from mpcl import __version__
+
+        raise _fail(
+            where,
+            f"model package format version {version!r} is not supported by mpcl {__version__}, which reads "
+            f"version {PACKAGE_VERSION} (update mpcl, or re-export the model with this version)",
+        )
+    required = ("classes", "normalization", "patch_size", "files")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise _fail(where, f"missing key(s) {missing}")
+
+    raw_classes = data["classes"]
+    if not isinstance(raw_classes, list) or not 2 <= len(raw_classes) <= 256:
+        raise _fail(where, "'classes' must list 2 to 256 classes (background first)")
+    classes = []
+    for index, entry in enumerate(raw_classes):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            raise _fail(where, f"classes[{index}] must be an object with a non-empty 'name'")
+        if not entry["name"].isprintable():
+            raise _fail(where, f"classes[{index}].name {entry['name']!r} holds control characters")
+        if entry.get("value", index) != index:
+            raise _fail(where, f"classes[{index}] has value {entry.get('value')!r}; expected {index}")
+        color = entry.get("color", default_color(index))
+        if (
+            not isinstance(color, list | tuple)
+            or len(color) != 3
+            or not all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+        ):
+            raise _fail(where, f"classes[{index}].color must be three integers 0-255, got {color!r}")
+        classes.append(ClassLabel(entry["name"], index, (int(color[0]), int(color[1]), int(color[2]))))
+    names = [label.name for label in classes]
+    if len(set(names)) != len(names):
+        raise _fail(where, f"class names must be unique, got {names}")
+
+    normalization = data["normalization"]
+    if not isinstance(normalization, dict) or normalization.get("scheme") not in NORMALIZATION_SCHEMES:
+        raise _fail(
+            where, f"normalization.scheme must be one of {list(NORMALIZATION_SCHEMES)}, got {normalization!r}"
+        )
+    patch = data["patch_size"]
+    if not (isinstance(patch, list) and len(patch) == 2 and all(isinstance(v, int) and v > 0 for v in patch)):
+        raise _fail(where, f"patch_size must be two positive integers, got {patch!r}")
+    in_channels = data.get("in_channels", 1)
+    if in_channels != 1:
+        raise _fail(where, f"in_channels {in_channels!r} is not supported (single-channel images only)")
+    resampling = {**RESAMPLING_POLICY, **data.get("resampling", {})}
+    if resampling != RESAMPLING_POLICY:
+        raise _fail(
+            where,
+            f"resampling policy {data.get('resampling')!r} is not supported; this runtime implements "
+            f"{RESAMPLING_POLICY}",
+        )
+    raw_post = data.get("postprocessing") or {}
+    if not isinstance(raw_post, dict) or set(raw_post) - {"largest_component", "fill_holes"}:
+        raise _fail(where, "postprocessing may only hold 'largest_component' and 'fill_holes'")
+    class_tuple = tuple(classes)
+    postprocessing = Postprocessing(
+        _class_values(where, "largest_component", raw_post.get("largest_component"), class_tuple),
+        _class_values(where, "fill_holes", raw_post.get("fill_holes"), class_tuple),
+    )
+
+    raw_files = data["files"]
+    if not isinstance(raw_files, dict) or not raw_files:
+        raise _fail(where, "'files' must name at least one network file (onnx or torch)")
+    files = {}
+    for role, entry in raw_files.items():
+        if role not in FILE_ROLES:
+            raise _fail(where, f"unknown file role {role!r}; expected one of {list(FILE_ROLES)}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise _fail(where, f"files.{role} must be an object with a 'path'")
+        relative = Path(entry["path"])
+        if relative.is_absolute() or ".." in relative.parts:
+            raise _fail(where, f"files.{role}.path must be a name inside the package, got {entry['path']!r}")
+        path = root / relative
+        if not path.is_file():
+            raise _fail(where, f"lists {entry['path']} as its {role} file but {path} is missing")
+        info = {key: value for key, value in entry.items() if key not in ("path", "sha256")}
+        files[role] = PackageFile(role, path, entry.get("sha256"), info)
+    if not ({"onnx", "torch"} & set(files)):
+        raise _fail(where, "the package holds no onnx or torch network file")
+
+    return ModelPackage(
+        root=root,
+        classes=class_tuple,
+        in_channels=1,
+        normalization=dict(normalization),
+        patch_size=(patch[0], patch[1]),
+        resampling=resampling,
+        postprocessing=postprocessing,
+        method=str(data.get("method", "")),
+        network=dict(data.get("network", {})),
+        files=files,
+        mpcl_version=str(data.get("mpcl_version", "")),
+        name=str(data.get("name", "")),
+    )
+
+
+def read_model_json(root: str | os.PathLike) -> dict[str, Any]:
+    """The raw model.json of a package folder (or of the model.json path itself)."""
+    root = Path(root)
+    where = root if root.name == MODEL_JSON else root / MODEL_JSON
+    if not where.parent.is_dir():
+        raise ModelPackageError(f"{where.parent}: model package folder does not exist")
+    if not where.is_file():
+        raise ModelPackageError(f"{where.parent}: not a model package (no {MODEL_JSON} in it)")
+    try:
+        return json.loads(where.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelPackageError(f"{where}: not valid JSON ({error})") from None
+
+
+def load_model_package(path: str | os.PathLike) -> ModelPackage:
+    """Read and validate a model package folder (or its model.json); refuses unknown versions."""
+    path = Path(path)
+    root = path.parent if path.name == MODEL_JSON else path
+    return parse_model_json(read_model_json(root), root)
+
+
+def write_model_json(root: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Validate and write model.json atomically (a reader never sees half a file)."""
+    root = Path(root)
+    parse_model_json(json.loads(json.dumps(data)), root)
+    text = json.dumps(data, indent=2) + "\n"
+    return write_atomically(root / MODEL_JSON, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def register_file(root: str | os.PathLike, role: str, filename: str, **info: Any) -> ModelPackage:
+    """Add (or replace) a network file already copied into the package, recording its SHA-256.
+
+    This is how ``mpcl-export`` adds ONNX variants or TensorRT engines to a package after training.
+    """
+    root = Path(root)
+    data = read_model_json(root)
+    entry = {"path": filename, "sha256": sha256_of(root / filename), **info}
+    data.setdefault("files", {})[role] = entry
+    write_model_json(root, data)
+    return load_model_package(root)
