@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from mpcl.errors import InputError
-from mpcl.io import ImageGeometry, read_image
+from mpcl.io import ImageGeometry, read_image, sitk_to_array
 
 IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".img", ".hdr")
 
@@ -48,17 +48,6 @@ def _is_nibabel_image(source: Any) -> bool:
     return all(hasattr(source, attribute) for attribute in ("affine", "dataobj", "header"))
 
 
-def _from_sitk(image: sitk.Image, where: str) -> tuple[np.ndarray, ImageGeometry]:
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(
-            f"{where}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-            "expected a scalar (grey-level) image"
-        )
-    if image.GetDimension() == 2:
-        image = sitk.JoinSeries([image])
-    if image.GetDimension() != 3:
-        raise InputError(f"{where}: is a {image.GetDimension()}D image; expected a 3D volume")
-    return np.array(sitk.GetArrayViewFromImage(image), dtype=np.float32), ImageGeometry.of(image)
 
 
 def _describe_series(folder: Path, series_id: str) -> str:
@@ -100,7 +89,7 @@ def read_dicom_folder(folder: Path, series_id: str | None = None) -> tuple[np.nd
     except RuntimeError as error:
         last = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
         raise InputError(f"{folder}: DICOM series {series_id} cannot be read ({last})") from None
-    return _from_sitk(image, f"{folder} (DICOM series {series_id})")
+    return sitk_to_array(image, f"{folder} (DICOM series {series_id})")
 
 
 def _from_nibabel(image: Any, where: str) -> tuple[np.ndarray, ImageGeometry]:
@@ -170,7 +159,7 @@ def load_input(
         where = str(path)
     elif isinstance(source, sitk.Image):
         name = where = "SimpleITK image"
-        array, geometry = _from_sitk(source, where)
+        array, geometry = sitk_to_array(source, where)
     elif _is_nibabel_image(source):
         filename = source.get_filename() if hasattr(source, "get_filename") else None
         name = case_name(filename) if filename else "nibabel image"

@@ -65,15 +65,21 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageGeometry]:
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
         raise InputError(f"{path}: cannot be read as an image ({first_line})") from None
+    return sitk_to_array(image, str(path))
+
+
+def sitk_to_array(image: sitk.Image, where: str) -> tuple[np.ndarray, ImageGeometry]:
+    """A scalar 2D or 3D SimpleITK image as a (z, y, x) float32 array and its geometry; ``where`` names
+    the source in errors (a 2D image becomes a one-slice volume)."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
-            f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            f"{where}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
             "expected a scalar (grey-level) image"
         )
     if image.GetDimension() == 2:
         image = sitk.JoinSeries([image])
     if image.GetDimension() != 3:
-        raise InputError(f"{path}: is a {image.GetDimension()}D image; expected a 3D volume")
+        raise InputError(f"{where}: is a {image.GetDimension()}D image; expected a 3D volume")
     array = np.array(sitk.GetArrayViewFromImage(image), dtype=np.float32)  # one copy, even for int16
     return array, ImageGeometry.of(image)
 
