@@ -1,8 +1,6 @@
 """MPCL: intensity grouping (IHPG), prototype-space losses (PSO), dual-branch alignment (DKA), the bank,
 and the method on its two bases."""
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,14 +224,14 @@ def _config_and_data(output_dir, method, **params):
 
 
 @pytest.mark.parametrize("mix", ["none", "bcp"])
-def test_one_step_has_every_term_with_gradient_and_is_fast(tmp_path, mix):
+def test_one_step_has_every_term_with_gradient(tmp_path, mix):
+    """(Its speed is measured in benchmarks/train_speed.py, not asserted here.)"""
     trainer = _trainer(
         tmp_path, warmup_iterations=0, tau_conf=0.0, n_min=1, base={"mix": mix, "pretrain_iterations": 0}
     )
     trainer.train_step(0, trainer.batches(0))  # fills the bank; the classifier needs every class
     assert trainer.method.bank.complete
     batch = trainer.batches(1)
-    started = time.perf_counter()
     terms = trainer.method.training_step(batch, trainer.models, StepInfo(1, 4))
     expected = {"pso_contrast", "pso_diversity", "pso_separation", "pso_generalisation", "dka_prototype_ce",
                 "dka_alignment"}  # fmt: skip
@@ -243,11 +241,9 @@ def test_one_step_has_every_term_with_gradient_and_is_fast(tmp_path, mix):
     )
     total = torch.stack(list(terms.values())).sum()
     total.backward()
-    elapsed = time.perf_counter() - started
     assert all(torch.isfinite(value) for value in terms.values())
     projection = trainer.models.extra["projection"]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection.parameters())
-    assert elapsed < 5.0
 
 
 @pytest.mark.parametrize("switch", ["ihpg", "pso", "dka"])
