@@ -27,7 +27,9 @@ from mpcl.training.trainer import Trainer
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def time_steps(config_path: Path, data_root: str | None, steps: int, warmup: int, patch: int | None) -> dict:
+def time_steps(
+    config_path: Path, data_root: str | None, steps: int, warmup: int, patch: int | None, start: int = 0
+) -> dict:
     overrides = {"data.root": data_root} if data_root else {}
     if patch:
         overrides["data.patch_size"] = [patch, patch]
@@ -35,10 +37,10 @@ def time_steps(config_path: Path, data_root: str | None, steps: int, warmup: int
     config.output_dir = tempfile.mkdtemp(prefix="mpcl-speed-")
     trainer = Trainer(config, load_data(config.data))
     durations = []
-    for iteration in range(warmup + steps):
+    for iteration in range(start, start + warmup + steps):
         started = time.perf_counter()
         trainer.train_step(iteration, trainer.batches(iteration))
-        if iteration >= warmup:
+        if iteration >= start + warmup:
             durations.append(time.perf_counter() - started)
     return {
         "config": config_path.name,
@@ -46,8 +48,9 @@ def time_steps(config_path: Path, data_root: str | None, steps: int, warmup: int
         "patch_size": list(config.data.patch_size),
         "batch": [config.train.labeled_batch, trainer.batches.sampler.unlabeled_batch],
         "steps_timed": steps,
-        # early iterations only: BCP is still in its labelled-only pre-training stage there
-        "iterations_timed": [warmup, warmup + steps],
+        # with the default start 0, BCP is in its labelled-only pre-training stage and MPCL in its
+        # warm-up; --start-iteration times a later stage (schedules depend on the iteration only)
+        "iterations_timed": [start + warmup, start + warmup + steps],
         "median_s_per_iteration": statistics.median(durations),
         "min_s_per_iteration": min(durations),
         "projected_hours_for_budget": statistics.median(durations) * config.train.iterations / 3600,
@@ -62,10 +65,14 @@ def main() -> None:
     parser.add_argument("--data-root")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--start-iteration", type=int, default=0, help="time steps from this iteration on")
     parser.add_argument("--patch", type=int, help="override the patch size (e.g. 128 for the cpu budget)")
     parser.add_argument("--output", type=Path, default=RESULTS / "train_speed_cpu.json")
     args = parser.parse_args()
-    rows = [time_steps(path, args.data_root, args.steps, args.warmup, args.patch) for path in args.configs]
+    rows = [
+        time_steps(path, args.data_root, args.steps, args.warmup, args.patch, args.start_iteration)
+        for path in args.configs
+    ]
     print(f"{'config':42} {'patch':>9} {'batch':>7} {'median s/it':>12} {'budget h':>9}")
     for row in rows:
         patch, batch = "x".join(map(str, row["patch_size"])), "+".join(map(str, row["batch"]))
