@@ -52,3 +52,11 @@ def tiny_config(tmp_path):
         return config_from_dict(tiny_config_dict(tmp_path / subdir, method, iterations, **params))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def package_dir(tmp_path_factory):
+    """One small model package (tiny U-Net, ONNX + weights) shared read-only by the runtime tests."""
+    from tests.segment_helpers import make_package
+
+    return make_package(tmp_path_factory.mktemp("package"))

@@ -12,12 +12,7 @@ import SimpleITK as sitk
 from mpcl import Segmenter
 from mpcl.cli_segment import segment_main
 from mpcl.io import write_image
-from tests.segment_helpers import CLASS_NAMES, GEOMETRY, make_package, phantom_volume
-
-
-@pytest.fixture(scope="module")
-def package_dir(tmp_path_factory):
-    return make_package(tmp_path_factory.mktemp("package"))
+from tests.segment_helpers import CLASS_NAMES, GEOMETRY, phantom_volume
 
 
 @pytest.fixture

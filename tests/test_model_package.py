@@ -22,11 +22,6 @@ from mpcl.model_package import (
 from tests.segment_helpers import CLASS_NAMES, PATCH, make_checkpoint, make_package
 
 
-@pytest.fixture(scope="module")
-def package_dir(tmp_path_factory):
-    return make_package(tmp_path_factory.mktemp("package"))
-
-
 @pytest.fixture
 def package_copy(package_dir, tmp_path):
     """A private copy to break."""

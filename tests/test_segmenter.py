@@ -21,16 +21,10 @@ from tests.conftest import ACDC_ROOT
 from tests.segment_helpers import (
     CLASS_NAMES,
     GEOMETRY,
-    make_package,
     phantom_volume,
     sitk_image,
     write_dicom_series,
 )
-
-
-@pytest.fixture(scope="module")
-def package_dir(tmp_path_factory):
-    return make_package(tmp_path_factory.mktemp("package"))
 
 
 @pytest.fixture(scope="module")
