@@ -5,9 +5,11 @@ import json
 import h5py
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import yaml
 from click.testing import CliRunner
 
+from mpcl.cli_segment import segment_main
 from mpcl.training.cli import eval_main, train_main
 from tests.conftest import tiny_config_dict
 
@@ -36,6 +38,7 @@ def test_train_then_eval_then_resume(tmp_path):
 
     metrics = tmp_path / "metrics.json"
     predictions = tmp_path / "predictions"
+    images = tmp_path / "images"
     result = runner.invoke(
         eval_main,
         [
@@ -45,6 +48,8 @@ def test_train_then_eval_then_resume(tmp_path):
             str(metrics),
             "--save-predictions",
             str(predictions),
+            "--save-images",
+            str(images),
             "--device",
             "cpu",
         ],
@@ -54,6 +59,21 @@ def test_train_then_eval_then_resume(tmp_path):
     report = json.loads(metrics.read_text())
     assert report["split"] == "test" and len(report["cases"]) == 1
     assert len(list(predictions.glob("*.nii.gz"))) == 1
+
+    # The model package written at the end of training segments the saved image file through the CLI,
+    # on the image's grid, with the labels mpcl-eval predicted.
+    (image_file,) = images.glob("*.nii.gz")
+    segmented = tmp_path / "segmented.nii.gz"
+    code = segment_main(
+        [str(image_file), "-o", str(segmented), "--model", str(run / "model"), "--no-postprocess", "-q"]
+    )
+    assert code == 0
+    source, written = sitk.ReadImage(str(image_file)), sitk.ReadImage(str(segmented))
+    assert written.GetSize() == source.GetSize()
+    assert written.GetSpacing() == source.GetSpacing() and written.GetOrigin() == source.GetOrigin()
+    assert written.GetDirection() == source.GetDirection()
+    evaluated = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / image_file.name)))
+    assert np.mean(sitk.GetArrayFromImage(written) == evaluated) > 0.999
 
     result = runner.invoke(train_main, ["--resume", str(run / "latest.pt"), "--no-progress"])
     assert result.exit_code == 0, result.output  # already complete: resumes at 3 of 3 and finishes

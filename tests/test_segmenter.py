@@ -308,12 +308,17 @@ def test_seg_nrrd_has_named_coloured_segments(segmenter, tmp_path, scan_file):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), result.label_map)
     np.testing.assert_allclose(image.GetDirection(), GEOMETRY.direction, atol=1e-14)
     assert image.GetOrigin() == GEOMETRY.origin
-    try:
-        import slicerio
-    except ImportError:
-        return
+    # 3D Slicer's own reader (slicerio, in the dev extra) sees the same names, values and colours.
+    import slicerio
+
     segmentation = slicerio.read_segmentation(str(path))
-    assert [segment["name"] for segment in segmentation["segments"]] == CLASS_NAMES[1:]
+    segments = segmentation["segments"]
+    assert [segment["name"] for segment in segments] == CLASS_NAMES[1:]
+    for segment in segments:
+        label = result.labels[segment["name"]]
+        assert segment["labelValue"] == label.value
+        np.testing.assert_allclose(segment["color"], np.array(label.color) / 255, atol=1e-5)
+    np.testing.assert_array_equal(segmentation["voxels"], result.label_map.transpose(2, 1, 0))
 
 
 # -- progress, cancel, TTA, post-processing, batches -----------------------------------------------------

@@ -115,13 +115,19 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
 @click.option("--data-root", type=str, help="Override the data root stored in the checkpoint's config.")
 @click.option("--output", type=click.Path(path_type=Path), help="JSON file for per-case and summary metrics.")
 @click.option("--save-predictions", type=click.Path(path_type=Path), help="Folder for NIfTI label maps.")
+@click.option(
+    "--save-images",
+    type=click.Path(path_type=Path),
+    help="Folder for the evaluated images as NIfTI (intensity-normalised, as the network saw them), "
+    "e.g. to try mpcl-segment on them.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_friendly_errors
-def eval_main(checkpoint, split, data_root, output, save_predictions, device) -> None:
+def eval_main(checkpoint, split, data_root, output, save_predictions, save_images, device) -> None:
     """Evaluate a checkpoint: per-volume, per-class Dice, Jaccard, HD95 and ASD."""
     import torch
 
-    from mpcl.io import write_atomically
+    from mpcl.io import ImageGeometry, write_atomically, write_image
     from mpcl.training.checkpoint import load_checkpoint
     from mpcl.training.config import config_from_dict
     from mpcl.training.data.loading import load_data
@@ -168,3 +174,8 @@ def eval_main(checkpoint, split, data_root, output, save_predictions, device) ->
         click.echo(f"metrics written to {output}")
     if save_predictions is not None:
         click.echo(f"predictions written to {save_predictions}/")
+    if save_images is not None:
+        for volume in volumes:
+            geometry = ImageGeometry(volume.spacing, volume.origin, volume.direction)
+            write_image(volume.image, geometry, save_images / f"{volume.name}.nii.gz")
+        click.echo(f"images written to {save_images}/")
