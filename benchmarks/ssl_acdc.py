@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "mpcl_bcp_no_ihpg": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.ihpg": False}),
     "mpcl_bcp_no_pso": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.pso": False}),
     "mpcl_bcp_no_dka": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.dka": False}),
+    "barl": ("configs/acdc_barl_3labeled.yaml", {}),
+    "pccs": ("configs/acdc_pccs_3labeled.yaml", {"method.params.sdm_levels": "bands"}),  # tiny rings at 128²
 }
 
 # Budgets: overrides applied to every variant. ``paper`` is the SSL4MIS protocol as configured (GPU).
@@ -111,7 +113,7 @@ def run_one(variant: str, budget: str, labeled: int, seed: int, data_root: str, 
     from mpcl.training.checkpoint import load_checkpoint
     from mpcl.training.data.loading import load_data
     from mpcl.training.evaluate import evaluate_volumes
-    from mpcl.training.trainer import Trainer, build_network
+    from mpcl.training.trainer import Trainer, inference_model_from_checkpoint
 
     output_dir = runs_dir / budget / f"{variant}_l{labeled}_s{seed}"
     config = build_run_config(variant, budget, labeled, seed, data_root, output_dir)
@@ -128,8 +130,7 @@ def run_one(variant: str, budget: str, labeled: int, seed: int, data_root: str, 
     result = trainer.fit(progress=False)
     train_seconds = time.perf_counter() - started
     state = load_checkpoint(result.best_checkpoint)
-    model = build_network(config, data.num_classes)
-    model.load_state_dict(state["student"])
+    model = inference_model_from_checkpoint(state, config, data.num_classes)
     model.to(trainer.device)
     test_started = time.perf_counter()
     evaluation = evaluate_volumes(

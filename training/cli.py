@@ -133,7 +133,7 @@ def eval_main(checkpoint, split, data_root, output, save_predictions, save_image
     from mpcl.training.data.loading import load_data
     from mpcl.training.evaluate import evaluate_volumes
     from mpcl.training.metrics import format_table
-    from mpcl.training.trainer import build_network, select_device
+    from mpcl.training.trainer import inference_model_from_checkpoint, select_device
 
     _setup_logging()
     state = load_checkpoint(checkpoint)
@@ -145,8 +145,7 @@ def eval_main(checkpoint, split, data_root, output, save_predictions, save_image
     volumes = data.test_volumes if split == "test" else data.val_volumes
     if not volumes:
         raise click.UsageError(f"the dataset has no {split} volumes")
-    model = build_network(config, data.num_classes)
-    model.load_state_dict(state["student"])
+    model = inference_model_from_checkpoint(state, config, data.num_classes)
     target = select_device(device)
     model.to(target)
     result = evaluate_volumes(

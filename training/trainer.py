@@ -172,7 +172,7 @@ class Trainer:
         if self.config.data.val_volumes is not None:
             volumes = volumes[: self.config.data.val_volumes]
         result = evaluate_volumes(
-            self.models.student,
+            self.method.inference_model(self.models),
             volumes,
             self.data.class_names,
             tuple(self.config.data.patch_size),
@@ -318,6 +318,21 @@ class Trainer:
             self.output_dir / "model",
             "" if with_onnx else " (torch weights only: install mpcl[export] for the ONNX model)",
         )
+
+
+def inference_model_from_checkpoint(
+    state: dict, config: ExperimentConfig, num_classes: int
+) -> torch.nn.Module:
+    """The network a checkpoint segments with, as validation used it (``Method.inference_model``): the
+    student for most methods; e.g. BARL with ``infer: avg`` also needs its second branch from ``extra``."""
+    method = build_method(config.method, num_classes)
+    student = build_network(config, num_classes)
+    student.load_state_dict(state["student"])
+    extra_modules = method.build_extra_modules(student)
+    extra = torch.nn.ModuleDict(extra_modules) if extra_modules else None
+    if extra is not None:
+        extra.load_state_dict(state["extra"])
+    return method.inference_model(Models(student, None, extra))
 
 
 def config_of_checkpoint(path: str | Path) -> ExperimentConfig:

@@ -64,6 +64,11 @@ class Method:
     def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def inference_model(self, models: Models) -> nn.Module:
+        """The network that segments (validation, best-checkpoint choice, evaluation): the student,
+        unless the method predicts with something else, e.g. an ensemble of two co-trained branches."""
+        return models.student
+
     def diagnostics(self) -> dict[str, float]:
         """Numbers about the method's state worth logging next to the losses (not optimised)."""
         return {}

@@ -35,12 +35,17 @@ class PrototypeBank:
 
     @torch.no_grad()
     def update(
-        self, means: torch.Tensor, mean_intensity: torch.Tensor, counts: torch.Tensor, n_min: int
+        self,
+        means: torch.Tensor,
+        mean_intensity: torch.Tensor,
+        counts: torch.Tensor,
+        n_min: int,
+        momentum: float | None = None,
     ) -> None:
         """EMA towards the batch prototypes of the (class, group)s seen on ≥ ``n_min`` pixels; a slot's
-        first sighting initialises it."""
+        first sighting initialises it. ``momentum`` overrides the bank's own for this update."""
         seen = (counts >= n_min) & self.allowed
-        m = self.momentum
+        m = self.momentum if momentum is None else momentum
         blended = F.normalize(m * self.prototypes + (1 - m) * means, dim=-1)
         updated = torch.where(self.valid[..., None], blended, means)
         self.prototypes = torch.where(seen[..., None], updated, self.prototypes)

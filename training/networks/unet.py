@@ -1,6 +1,8 @@
 """The 2D U-Net of the SSL4MIS reference (16-32-64-128-256 channels, transposed-conv upsampling).
 
-With 4 classes it has 1 944 324 parameters (the often-quoted 1.81 M is the bilinear-upsampling variant).
+With 4 classes it has 1 944 324 parameters (the often-quoted 1.81 M is the bilinear-upsampling variant,
+``upsampling="bilinear"``: a 1x1 conv then a fixed bilinear ×2, which two-network methods use to make
+their second decoder differ from the first).
 
 ``forward`` returns logits only, which is what inference and export need; ``forward_features`` also
 returns the decoder feature maps (used by prototype methods) and optional deep-supervision logits.
@@ -8,7 +10,7 @@ returns the decoder feature maps (used by prototype methods) and optional deep-s
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -39,12 +41,30 @@ class ConvBlock(nn.Module):
         return self.block(x)
 
 
-class UpBlock(nn.Module):
-    """Transposed-conv upsampling, concatenation with the skip, then a ConvBlock."""
+Upsampling = Literal["transposed", "bilinear"]
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, dropout: float) -> None:
+
+class UpBlock(nn.Module):
+    """Upsampling (transposed conv, or 1x1 conv + bilinear ×2), concatenation with the skip, a ConvBlock."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        dropout: float,
+        upsampling: Upsampling = "transposed",
+    ) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(in_channels, skip_channels, kernel_size=2, stride=2)
+        if upsampling == "transposed":
+            self.up: nn.Module = nn.ConvTranspose2d(in_channels, skip_channels, kernel_size=2, stride=2)
+        elif upsampling == "bilinear":
+            self.up = nn.Sequential(
+                nn.Conv2d(in_channels, skip_channels, kernel_size=1),
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+            )
+        else:
+            raise ValueError(f"upsampling must be 'transposed' or 'bilinear', got {upsampling!r}")
         self.conv = ConvBlock(skip_channels * 2, out_channels, dropout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -60,18 +80,28 @@ class UNet(nn.Module):
         dropout: tuple[float, ...] | list[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
         decoder_dropout: float = 0.0,
         deep_supervision: bool = False,
+        upsampling: Upsampling = "transposed",
     ) -> None:
         super().__init__()
         if len(channels) != 5 or len(dropout) != 5:
             raise ValueError("UNet needs 5 channel widths and 5 dropout rates, one per level")
         self.channels = list(channels)
         self.num_classes = num_classes
+        self._hyperparameters = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "channels": list(channels),
+            "dropout": list(dropout),
+            "decoder_dropout": decoder_dropout,
+            "deep_supervision": deep_supervision,
+            "upsampling": upsampling,
+        }
         self.encoder = nn.ModuleList([ConvBlock(in_channels, channels[0], dropout[0])])
         for level in range(1, 5):
             self.encoder.append(ConvBlock(channels[level - 1], channels[level], dropout[level]))
         self.pool = nn.MaxPool2d(2)
         self.decoder = nn.ModuleList(
-            UpBlock(channels[level + 1], channels[level], channels[level], decoder_dropout)
+            UpBlock(channels[level + 1], channels[level], channels[level], decoder_dropout, upsampling)
             for level in (3, 2, 1, 0)
         )
         self.head = nn.Conv2d(channels[0], num_classes, kernel_size=3, padding=1)
@@ -80,6 +110,14 @@ class UNet(nn.Module):
             if deep_supervision
             else None
         )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments, so a sibling network (e.g. a second co-training branch) can be
+        built as ``UNet(**{**net.hyperparameters(), "upsampling": "bilinear"})``."""
+        return {
+            key: list(value) if isinstance(value, list) else value
+            for key, value in self._hyperparameters.items()
+        }
 
     def forward_features(self, x: torch.Tensor) -> UNetOutput:
         skips = []

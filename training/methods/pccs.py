@@ -1,0 +1,421 @@
+"""PCCS, Prototype Contrastive Consistency Segmentation (He et al., arXiv 2502.06650; spec section b2).
+
+A student–teacher method with two prediction branches: the student's segmentation head and the
+teacher's prototype classifier (per class, the best cosine of a pixel's teacher embedding to the class's
+K prototypes Π, LayerNorm'd over classes). Four switchable components on a supervised ½(CE + Dice) loss:
+
+* **SDM prototypes** (``sdm_protos``): on the 1/4 grid, each class of each unlabelled image is cut by
+  its signed distance map into layers (rings at one depth, or ``sdm_levels: bands``), ordered from the
+  boundary inwards; one prototype per layer = normalised mean of the student's projected features.
+  Labels: ground truth on labelled images, the student's argmax elsewhere. Off: one class-mean
+  prototype per image.
+* **Uncertainty weighting** (``unc_weight``) of the prototype contrast l_pc: positives weighted by
+  their similarity to the anchor (dubious positives count less), anchors by the entropy of their mean
+  prediction (``unc_sign``). Off: plain supervised contrast between prototypes. ``contrast: false``
+  drops l_pc altogether.
+* **Prototype updating prototype** (``proto_update``): on unlabelled pixels, teacher pseudo-classes
+  (the prototype classifier's argmax) are split among their K sub-prototypes by Sinkhorn on the
+  student's sub-prototype scores; Π moves by EMA (``gamma``) towards the teacher features of pixels
+  where teacher and student agree, then towards the boundary-aware layer prototypes grouped into K
+  slots boundary → interior (``mix_momentum``) — historical teacher prototypes blended with new
+  evidence keep the K sub-prototypes diverse. The student's prototype layer W_S learns to classify
+  teacher features into the assigned sub-prototypes (l_aux). Off: Π follows the class means of the
+  teacher features, and there is no l_aux.
+* **Uncertainty consistency** (``unc_consistency``) l_c between the two branches: squared error between
+  student logits and teacher prototype scores, plus entropy minimisation of both branches.
+
+Schedule (the PCCS code's phases): supervised only before ``consistency_start``; l_c from then on,
+ramped by ``lambda_c``·sigmoid ramp over ``rampup_iterations``; prototype terms from
+``warmup_iterations`` on. The spec's ``phase_iters`` [200, 500] are these two keys, named as in the
+other methods so that benchmark budgets scale them alike.
+
+Choices the spec leaves open, and why:
+
+* Prototype features come from the decoder maps at 1/8, 1/4 and 1/2 (the PCCS code fuses encoder maps at
+  the same scales): the U-Net here exposes decoder features, which also carry the skip connections'
+  detail; with SSL4MIS widths the fused width (224) equals the code's.
+* Teacher = EMA of the student network and of the student's projection head; the teacher's embeddings
+  are that head's output LayerNorm'd and normalised. The code's separate teacher head (3×3 conv, BN,
+  Dropout2d) is never trained there; an EMA needs a trained student counterpart, so the student's own
+  head plays that role. ``teacher_update: frozen`` reproduces the code's untrained teacher: a copy of
+  the initial teacher that never moves (its batch-norm statistics do, as in the code), saved with the
+  method state.
+* Sandwiched classes: the rings measured from each side are restricted to the class's own pixels, so
+  every prototype labelled c is made of class-c pixels (the code also averages neighbouring classes).
+* Layers are grouped into K slots sorted by depth over the whole batch (the code concatenates images
+  in order, which groups by image rather than depth); a class with no layer in the batch leaves its
+  slots untouched (the code's zero vectors change nothing after normalisation either).
+* When a batch yields no SDM layer at all, per-image class-mean prototypes stand in (spec fallback);
+  absent classes give no prototype rather than a zero vector.
+* The student's class decision for the agreement mask is the argmax of its best sub-prototype score
+  per class (the code's LayerNorm before the argmax changes no argmax). W_S has no bias, so
+  W_S is exactly the student's C·K prototype matrix. Channel layout everywhere: c·K + k.
+* Consistency ramp: ``rampup_iterations: null`` reaches ``lambda_c`` at the end of the run, as the
+  SSL4MIS recipe; the code's ramp (1000 "epochs" of 150 iterations) is ``rampup_iterations: 150000``
+  and leaves l_c at ~2 % of ``lambda_c`` after 15 000 iterations.
+* ``consistency_weighting`` (default ``none``, as coded) optionally weights the l_c squared error per
+  pixel by the teacher branch's certainty (``hard``: entropy ≤ θ(t), ``soft``: 1 − entropy/ln C).
+* ``pseudo_source: teacher`` takes pseudo-labels, uncertain pixels and prototype uncertainties from the
+  teacher's segmentation instead of the student's (the code: student). ``sdm_images: all`` also builds
+  SDM prototypes on labelled images from their ground truth (the code: unlabelled images only).
+* Π starts as normalised Gaussian vectors from a fixed generator (the code's truncated normal, σ 0.02
+  cut at ±2, never truncates, and its scale vanishes in the normalisation), so the student's
+  initialisation, and any comparison with other methods at the same seed, is untouched.
+* There is no SDM regression head: PCCS uses signed distances only to define prototype layers.
+* Network width (the code's wider encoder [32, 32, 64, 128, 256]) is ``model.channels``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpcl.errors import ConfigError
+from mpcl.training.data.batches import Batch
+from mpcl.training.losses.consistency import sigmoid_rampup
+from mpcl.training.losses.pccs import (
+    class_scores,
+    entropy,
+    entropy_weight,
+    layer_groups,
+    pool_layers,
+    sinkhorn,
+    teacher_features,
+    uncertainty_consistency,
+    uncertainty_threshold,
+    uncertainty_weighted_contrast,
+)
+from mpcl.training.losses.prototypes import IGNORE, group_prototypes
+from mpcl.training.losses.sdm import Layer, class_layers, sdm_layers
+from mpcl.training.methods.base import Method, Models, StepInfo
+from mpcl.training.methods.prototype_bank import PrototypeBank
+from mpcl.training.methods.supervised import supervised_terms
+from mpcl.training.networks.multiscale_projection import MultiScaleProjection
+from mpcl.training.networks.unet import UNetOutput
+
+PROTOTYPE_SEED = 0  # Π's initial values come from their own generator (see the module docstring)
+
+
+@dataclass
+class PCCSParams:
+    ema_decay: float = 0.99
+    teacher_update: Literal["ema", "frozen"] = "ema"
+    sdm_protos: bool = True
+    unc_weight: bool = True
+    proto_update: bool = True
+    unc_consistency: bool = True
+    contrast: bool = True
+    K: int = 2  # sub-prototypes per class in Π and in the student's prototype layer
+    embed_dim: int = 256
+    tau: float = 0.05  # prototype contrast temperature
+    gamma: float = 0.999  # Π's EMA momentum towards agreeing teacher features
+    mix_momentum: float = 0.999  # Π's momentum towards the grouped SDM-layer prototypes
+    sinkhorn_iters: int = 4
+    sinkhorn_eps: float = 0.05
+    gumbel_tau: float = 0.5
+    lambda_c: float = 0.01
+    lambda_pc: float = 0.01
+    lambda_aux: float = 0.3
+    ent_coef: float = 0.1
+    ent_reduce: Literal["fro", "mean"] = "fro"
+    consistency_weighting: Literal["none", "hard", "soft"] = "none"
+    consistency_start: int = 200  # supervised only before this iteration
+    warmup_iterations: int = 500  # prototype terms from this iteration on
+    rampup_iterations: int | None = None  # l_c ramp length; None: the whole run
+    unc_sign: Literal[1, -1] = 1
+    sdm_levels: Literal["rings", "bands"] = "rings"
+    sdm_bands: int = 4
+    sdm_images: Literal["unlabeled", "all"] = "unlabeled"
+    pseudo_source: Literal["student", "teacher"] = "student"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.K >= 1, "K must be >= 1"),
+            (self.embed_dim >= 2, "embed_dim must be >= 2"),
+            (self.tau > 0, "tau must be > 0"),
+            (0.0 <= self.gamma < 1.0, "gamma must be in [0, 1)"),
+            (0.0 <= self.mix_momentum < 1.0, "mix_momentum must be in [0, 1)"),
+            (self.sinkhorn_iters >= 1, "sinkhorn_iters must be >= 1"),
+            (self.sinkhorn_eps > 0 and self.gumbel_tau > 0, "sinkhorn_eps and gumbel_tau must be > 0"),
+            (min(self.lambda_c, self.lambda_pc, self.lambda_aux, self.ent_coef) >= 0,
+             "lambda_c, lambda_pc, lambda_aux and ent_coef must be >= 0"),
+            (self.consistency_start >= 0 and self.warmup_iterations >= 0,
+             "consistency_start and warmup_iterations must be >= 0"),
+            (self.sdm_bands >= 1, "sdm_bands must be >= 1"),
+            (0.0 <= self.ema_decay <= 1.0, "ema_decay must be in [0, 1]"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"method.params.{message}")
+
+
+@dataclass
+class _LayerSet:
+    """The batch's SDM layers as flat tensors (pixel indices into the (B·h·w) grid)."""
+
+    layer_ids: torch.Tensor
+    pixel_ids: torch.Tensor
+    classes: torch.Tensor
+    depth: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.classes.numel())
+
+
+def _flatten_layers(per_image: list[list[Layer]], first_image: int, grid_pixels: int, device) -> _LayerSet:
+    layers = [(image, layer) for image, found in enumerate(per_image, first_image) for layer in found]
+    pixel_ids = np.concatenate([layer.pixels + image * grid_pixels for image, layer in layers])
+    layer_ids = np.repeat(np.arange(len(layers)), [layer.pixels.size for _, layer in layers])
+    as_tensor = lambda values, dtype: torch.as_tensor(values, dtype=dtype, device=device)  # noqa: E731
+    return _LayerSet(
+        as_tensor(layer_ids, torch.long),
+        as_tensor(pixel_ids, torch.long),
+        as_tensor([layer.cls for _, layer in layers], torch.long),
+        as_tensor([layer.depth for _, layer in layers], torch.float32),
+    )
+
+
+class PCCS(Method):
+    name = "pccs"
+    Params = PCCSParams
+    uses_teacher = True
+    uses_unlabeled = True
+
+    def __init__(self, params: PCCSParams, num_classes: int) -> None:
+        super().__init__(params, num_classes)
+        self.bank = PrototypeBank([params.K] * num_classes, params.embed_dim, params.gamma)
+        generator = torch.Generator().manual_seed(PROTOTYPE_SEED)
+        initial = torch.randn(num_classes, params.K, params.embed_dim, generator=generator)
+        self.bank.prototypes = F.normalize(initial, dim=-1)
+        self.bank.valid = torch.ones_like(self.bank.valid)
+        self._frozen: nn.ModuleDict | None = None
+        self._frozen_state: dict[str, torch.Tensor] | None = None
+        self._last: dict[str, torch.Tensor] = {}
+
+    @property
+    def ema_decay(self) -> float:
+        return self.params.ema_decay
+
+    @classmethod
+    def check_batches(cls, params: PCCSParams, labeled_batch: int, unlabeled_batch: int) -> str | None:
+        if unlabeled_batch < 1:
+            return "pccs needs train.unlabeled_batch >= 1 (its prototypes come from unlabelled images)"
+        return None
+
+    def build_extra_modules(self, student: nn.Module) -> dict[str, nn.Module]:
+        p = self.params
+        in_channels = MultiScaleProjection.input_channels(student.channels)
+        return {
+            "projection": MultiScaleProjection(in_channels, p.embed_dim),
+            "prototypes": nn.Conv2d(p.embed_dim, self.num_classes * p.K, kernel_size=1, bias=False),
+        }
+
+    # -- schedule --------------------------------------------------------------------------------
+    def consistency_weight(self, step: StepInfo) -> float:
+        if step.iteration < self.params.consistency_start:
+            return 0.0
+        length = self.params.rampup_iterations
+        return self.params.lambda_c * sigmoid_rampup(
+            step.iteration, step.total_iterations if length is None else length
+        )
+
+    # -- the step --------------------------------------------------------------------------------
+    def _teacher(self, models: Models) -> tuple[nn.Module, nn.Module]:
+        """The teacher network and projection head: the trainer's EMA copies, or (``frozen``) a copy of
+        the teacher as it was at the run's first step."""
+        if self.params.teacher_update == "ema":
+            return models.teacher, models.teacher_extra["projection"]
+        if self._frozen is None:
+            self._frozen = nn.ModuleDict(
+                {
+                    "network": copy.deepcopy(models.teacher),
+                    "projection": copy.deepcopy(models.teacher_extra["projection"]),
+                }
+            )
+            if self._frozen_state is not None:
+                self._frozen.load_state_dict(self._frozen_state)
+                self._frozen_state = None
+        return self._frozen["network"], self._frozen["projection"]
+
+    def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
+        p = self.params
+        teacher_network, teacher_head = self._teacher(models)  # frozen: snapshot on the first step
+        n_labeled = batch.labeled_image.shape[0]
+        images = torch.cat([batch.labeled_image, batch.unlabeled_image])
+        student = models.student.forward_features(images)
+        terms = supervised_terms(models, batch, 0.0, (student.logits[:n_labeled], []))
+        with_prototypes = step.iteration >= p.warmup_iterations
+        with_consistency = p.unc_consistency and step.iteration >= p.consistency_start
+        if not (with_prototypes or with_consistency):
+            return terms
+        with torch.no_grad():
+            teacher = teacher_network.forward_features(images)
+            z_teacher = teacher_features(teacher_head(teacher.features))
+            bank = self.bank.to(z_teacher.device)
+            teacher_scores = class_scores(z_teacher, bank.prototypes)
+        grid = z_teacher.shape[-2:]
+        student_logits = F.interpolate(student.logits, size=grid, mode="bilinear", align_corners=False)
+        threshold = uncertainty_threshold(step.iteration, step.total_iterations)
+        if with_consistency:
+            weight = None
+            if p.consistency_weighting != "none":
+                weight = entropy_weight(torch.softmax(teacher_scores, 1), p.consistency_weighting, threshold)
+            terms["uncertainty_consistency"] = self.consistency_weight(step) * uncertainty_consistency(
+                student_logits, teacher_scores, n_labeled, p.ent_coef, p.ent_reduce, weight
+            )
+        if with_prototypes:
+            terms.update(
+                self._prototype_terms(
+                    batch, models, student, teacher, z_teacher, teacher_scores, student_logits, threshold
+                )
+            )
+        return terms
+
+    def _prototype_terms(
+        self,
+        batch: Batch,
+        models: Models,
+        student: UNetOutput,
+        teacher: UNetOutput,
+        z_teacher: torch.Tensor,
+        teacher_scores: torch.Tensor,
+        student_logits: torch.Tensor,
+        threshold: float,
+    ) -> dict[str, torch.Tensor]:
+        p = self.params
+        n_labeled = batch.labeled_image.shape[0]
+        grid = z_teacher.shape[-2:]
+        features = models.extra["projection"](student.features)  # (B, D, h, w), with gradient
+        with torch.no_grad():
+            source = student_logits.detach()
+            if p.pseudo_source == "teacher":
+                source = F.interpolate(teacher.logits, size=grid, mode="bilinear", align_corners=False)
+            probabilities = torch.softmax(source, dim=1)
+            labels = probabilities.argmax(dim=1)
+            small = F.interpolate(batch.labeled_label[:, None].float(), size=grid, mode="nearest")
+            labels[:n_labeled] = small[:, 0].long()
+            uncertain = entropy(probabilities) > threshold
+        layers = self._layers(labels, uncertain, n_labeled)
+        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
+        prototypes, mean_probabilities = pool_layers(
+            flat(features), flat(probabilities), layers.layer_ids, layers.pixel_ids, layers.count
+        )
+        self._last = {
+            "pccs_prototypes": torch.tensor(float(layers.count)),
+            "pccs_uncertain_fraction": uncertain[n_labeled:].float().mean(),
+        }
+        terms: dict[str, torch.Tensor] = {}
+        if p.contrast:
+            terms["prototype_contrast"] = p.lambda_pc * uncertainty_weighted_contrast(
+                prototypes, layers.classes, mean_probabilities, p.tau, p.unc_weight, p.unc_sign
+            )
+        unlabeled = slice(n_labeled, None)
+        if p.proto_update:
+            terms["prototype_aux"] = p.lambda_aux * self._update_prototypes(
+                models.extra["prototypes"],
+                features[unlabeled].detach(),
+                z_teacher[unlabeled],
+                teacher_scores[unlabeled].argmax(dim=1),
+                layer_groups(prototypes.detach(), layers.classes, layers.depth, self.num_classes, p.K),
+            )
+        else:
+            self._class_mean_update(z_teacher[unlabeled], teacher_scores[unlabeled].argmax(dim=1))
+        return terms
+
+    def _layers(self, labels: torch.Tensor, uncertain: torch.Tensor, n_labeled: int) -> _LayerSet:
+        """SDM layers (or class-mean sets) of the chosen images, falling back to class means if empty."""
+        p = self.params
+        first = n_labeled if p.sdm_images == "unlabeled" else 0
+        label_maps = labels[first:].cpu().numpy()
+        uncertain_maps = uncertain[first:].cpu().numpy()
+        if p.sdm_protos:
+            per_image = [
+                sdm_layers(label_map, uncertain_map, self.num_classes, p.sdm_levels, p.sdm_bands)
+                for label_map, uncertain_map in zip(label_maps, uncertain_maps, strict=True)
+            ]
+        else:
+            per_image = []
+        if not any(per_image):
+            per_image = [class_layers(label_map, self.num_classes) for label_map in label_maps]
+        grid_pixels = labels.shape[1] * labels.shape[2]
+        return _flatten_layers(per_image, first, grid_pixels, labels.device)
+
+    @torch.no_grad()
+    def _assign(
+        self, scores: torch.Tensor, teacher_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pixel: the sub-prototype target c·K + k (Sinkhorn argmax within the teacher's class c) and
+        a Gumbel-sampled sub-prototype index k used for the prototype update, as in the PCCS code."""
+        p, k = self.params, self.params.K
+        target = torch.full_like(teacher_labels, IGNORE)
+        sampled = torch.full_like(teacher_labels, IGNORE)
+        for cls in range(self.num_classes):
+            pixels = teacher_labels == cls
+            if not bool(pixels.any()):
+                continue
+            class_scores_k = scores[:, cls].permute(0, 2, 3, 1)[pixels]  # (n, K)
+            assignment = sinkhorn(class_scores_k, p.sinkhorn_iters, p.sinkhorn_eps)
+            target[pixels] = cls * k + assignment.argmax(dim=1)
+            sample = F.gumbel_softmax(assignment, tau=p.gumbel_tau, hard=True)
+            sampled[pixels] = sample.argmax(dim=1)
+        return target, sampled
+
+    def _update_prototypes(
+        self,
+        prototype_layer: nn.Conv2d,
+        features: torch.Tensor,
+        z_teacher: torch.Tensor,
+        teacher_labels: torch.Tensor,
+        grouped_layers: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Prototype updating prototype on the unlabelled images; returns l_aux (gradient into W_S)."""
+        p, num_classes, k = self.params, self.num_classes, self.params.K
+        bank = self.bank
+        with torch.no_grad():
+            batch, _, height, width = features.shape
+            scores = prototype_layer(features).view(batch, num_classes, k, height, width)
+            agree = teacher_labels == scores.amax(dim=2).argmax(dim=1)
+            target, sampled = self._assign(scores, teacher_labels)
+            agreeing = torch.where(agree, teacher_labels, torch.full_like(teacher_labels, IGNORE))
+            means, counts = group_prototypes(z_teacher, agreeing, sampled, num_classes, k)
+            # PCCS tracks no intensities: passing the bank's own leaves them as they are
+            bank.update(means, bank.intensity, counts, n_min=1)
+            layer_prototypes, present = grouped_layers
+            present_counts = present[:, None].expand(-1, k).long()
+            bank.update(layer_prototypes, bank.intensity, present_counts, n_min=1, momentum=p.mix_momentum)
+            self._last["pccs_agreement"] = agree.float().mean()
+        # teacher features scored by the student's prototypes: only W_S learns from l_aux
+        return F.cross_entropy(prototype_layer(z_teacher), target, ignore_index=IGNORE)
+
+    @torch.no_grad()
+    def _class_mean_update(self, z_teacher: torch.Tensor, teacher_labels: torch.Tensor) -> None:
+        """``proto_update: false``: every sub-prototype of a class follows the class mean (EMA ``gamma``)."""
+        means, counts = group_prototypes(
+            z_teacher, teacher_labels, torch.zeros_like(teacher_labels), self.num_classes, 1
+        )
+        shape = self.bank.prototypes.shape
+        self.bank.update(means.expand(shape), self.bank.intensity, counts.expand(shape[:2]), n_min=1)
+
+    # -- state and diagnostics ---------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self._last.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"bank": self.bank.state_dict()}
+        if self._frozen is not None:
+            state["frozen_teacher"] = {name: t.cpu() for name, t in self._frozen.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bank.load_state_dict(state["bank"])
+        if self.params.teacher_update == "frozen":
+            if "frozen_teacher" not in state:
+                raise ValueError("pccs checkpoint has no frozen teacher but teacher_update is 'frozen'")
+            self._frozen, self._frozen_state = None, state["frozen_teacher"]
