@@ -1,17 +1,25 @@
-"""Inference latency and peak memory of the Segmenter: torch eager vs ONNX Runtime, in one run.
+"""Inference latency, peak memory and test Dice of deployment variants, one Segmenter per row.
 
-Cases: ACDC test volumes (h5 converted to NIfTI; ~10 slices of 256x216) and a synthetic CT-sized volume
-(512x512x100, int16). Each (backend, case set) runs in its own child process, so its peak RSS is its own.
-Latency is end to end from the file on disk to the label array (read, normalise, resize to the patch,
-network, softmax, resize back, argmax), median over repeats after one warm-up; writing the .nii.gz is
-timed separately. The "network floor" is the backend alone on the already-resized slices, i.e. the
-compute that no pre/post-processing change can remove. Usage:
+Rows (``--rows``): ``torch`` (eager, model.pt), ``ort_fp32`` and ``ort_int8`` (ONNX Runtime on the
+package's fp32 / int8 graph) and, given ``--student-package`` (from ``mpcl-export --distill``),
+``student_fp32`` and ``student_int8``. Each row sees a view of its package holding only the files it may
+use, so ``Segmenter``'s own backend choice is what is measured. Cases: ACDC test volumes (h5 converted to
+NIfTI; ~10 slices of 256x216) and a synthetic CT-sized volume (512x512x100, int16). Each (row, case set)
+runs in its own child process, so its peak RSS is its own. Latency is end to end from the file on disk
+to the label array (read, normalise, resize to the patch, network, softmax, resize back, argmax),
+median over repeats after one warm-up; writing the .nii.gz is timed separately. The "network floor" is
+the backend alone on the already-resized slices. With labels available, each row also segments the first
+``--dice-cases`` ACDC test volumes (all 40 by default) and reports mean foreground Dice (training's
+metric code). The table gives every row's speed-up over torch eager and Dice change against it; the
+goal is a row at least 4x faster with at most 1 Dice point lost. Usage:
 
-    python benchmarks/inference.py --data-root ../shared/data/acdc --repeats 5
-    python benchmarks/inference.py --package runs/acdc_mean_teacher_3labeled/model   # a trained model
+    mpcl-export runs/x/best.pt -o runs/x/model_int8 --onnx --int8
+    mpcl-export runs/x/best.pt -o runs/x/student --onnx --int8 --distill configs/distill/small.yaml
+    python benchmarks/inference.py --package runs/x/model_int8 --student-package runs/x/student
+    python benchmarks/inference.py --quick --package runs/x/model_int8   # a smoke run in a minute
 
-Without --package/--checkpoint a randomly initialised SSL4MIS U-Net (4 classes, 256x256 patch) is used:
-latency does not depend on the weights.
+Without --package/--checkpoint a randomly initialised SSL4MIS U-Net (4 classes, 256x256 patch, fp32
+and torch rows only) is used: latency does not depend on the weights, Dice is then meaningless.
 """
 
 from __future__ import annotations
@@ -63,18 +71,52 @@ def make_default_package(folder: Path) -> Path:
     return folder / "model"
 
 
-def make_cases(folder: Path, data_root: Path, acdc_cases: int, ct_slices: int, ct_size: int) -> dict:
+# row -> (which package, backend, package file roles the row may use)
+ROWS = {
+    "torch": ("main", "torch", ("torch",)),
+    "ort_fp32": ("main", "onnxruntime", ("onnx", "torch")),
+    "ort_int8": ("main", "onnxruntime", ("onnx", "onnx_int8", "torch")),
+    "student_fp32": ("student", "onnxruntime", ("onnx", "torch")),
+    "student_int8": ("student", "onnxruntime", ("onnx", "onnx_int8", "torch")),
+}
+GOAL_SPEEDUP, GOAL_MAX_DICE_DROP_POINTS = 4.0, 1.0
+
+
+def package_view(package: Path, roles: tuple[str, ...], folder: Path) -> Path | None:
+    """A package folder listing only ``roles`` (files linked, not copied), or None if one is missing."""
+    data = json.loads((package / "model.json").read_text())
+    if not set(roles) <= set(data["files"]):
+        return None
+    folder.mkdir(parents=True)
+    data["files"] = {role: data["files"][role] for role in roles}
+    for entry in data["files"].values():
+        (folder / entry["path"]).symlink_to((package / entry["path"]).resolve())
+    (folder / "model.json").write_text(json.dumps(data, indent=2))
+    return folder
+
+
+def make_cases(
+    folder: Path, data_root: Path, acdc_cases: int, ct_slices: int, ct_size: int, dice_cases: int = 0
+) -> tuple[dict, list[tuple[str, str]]]:
+    """Latency cases per kind, and (image, label) NIfTI pairs of the first ``dice_cases`` test volumes."""
     from mpcl.io import ImageGeometry, write_image
 
     cases: dict[str, list[str]] = {"acdc": [], "ct": []}
+    labelled: list[tuple[str, str]] = []
     test_list = data_root / "test.list"
-    if test_list.is_file() and acdc_cases > 0:
+    if test_list.is_file() and max(acdc_cases, dice_cases) > 0:
         import h5py
 
-        for name in test_list.read_text().split()[:acdc_cases]:
+        for index, name in enumerate(test_list.read_text().split()[: max(acdc_cases, dice_cases)]):
             with h5py.File(data_root / "data" / f"{name}.h5", "r") as handle:
                 image = np.asarray(handle["image"][()], np.float32)
-            cases["acdc"].append(str(write_image(image, ImageGeometry(), folder / f"{name}.nii.gz")))
+                label = np.asarray(handle["label"][()], np.uint8)
+            image_path = str(write_image(image, ImageGeometry(), folder / f"{name}.nii.gz"))
+            if index < acdc_cases:
+                cases["acdc"].append(image_path)
+            if index < dice_cases:
+                label_path = write_image(label, ImageGeometry(), folder / f"{name}_label.nii.gz")
+                labelled.append((image_path, str(label_path)))
     if ct_slices > 0:
         rng = np.random.default_rng(0)
         _, y, x = np.ogrid[:1, :ct_size, :ct_size]
@@ -82,7 +124,21 @@ def make_cases(folder: Path, data_root: Path, acdc_cases: int, ct_slices: int, c
         ct = np.where(body, 40, -1000) + rng.normal(0, 20, (ct_slices, ct_size, ct_size))
         geometry = ImageGeometry(spacing=(0.7, 0.7, 2.5))
         cases["ct"].append(str(write_image(ct.astype(np.int16), geometry, folder / "ct_512.nii.gz")))
-    return cases
+    return cases, labelled
+
+
+def test_dice(segmenter, labelled: list[tuple[str, str]]) -> dict:
+    """Mean foreground Dice of ``segmenter`` over (image, label) files, per the training evaluation."""
+    from mpcl.inputs import load_input
+    from mpcl.training.metrics import multiclass_metrics, summarize
+
+    per_case = []
+    for image_path, label_path in labelled:
+        label = load_input(label_path).array.astype(np.uint8)
+        prediction = segmenter(image_path).label_map
+        per_case.append(multiclass_metrics(prediction, label, segmenter.package.num_classes))
+    summary = summarize(per_case, segmenter.package.class_names)
+    return {"volumes": len(per_case), "mean_dice": summary["mean"]["dice"]["mean"], "summary": summary}
 
 
 def worker(spec: dict) -> dict:
@@ -141,12 +197,16 @@ def worker(spec: dict) -> dict:
                 "stages_median_s": {stage: statistics.median(values) for stage, values in stages.items()},
             }
         )
+    peak = _rss_mib()  # before the Dice pass, which holds more volumes than a latency run
+    dice = test_dice(segmenter, spec["labelled"]) if spec.get("labelled") else None
     return {
+        "row": spec.get("row", spec["backend"]),
         "backend": segmenter.backend.name,
         "describe": segmenter.backend.describe(),
+        "dice_test": dice,
         "model_load_s": load_seconds,
         "rss_after_model_load_mib": rss_after_load,
-        "peak_rss_mib": _rss_mib(),
+        "peak_rss_mib": peak,
         "cases": rows,
     }
 
@@ -156,7 +216,7 @@ def _run_worker(spec: dict) -> dict:
         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=REPO
     )
     if result.returncode != 0:
-        raise RuntimeError(f"worker {spec['backend']} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"worker {spec.get('row', spec['backend'])} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -169,65 +229,109 @@ def _summary(rows: list[dict]) -> dict:
     return summary
 
 
+def _package_for_rows(args, scratch: Path) -> Path:
+    if args.package:
+        return args.package
+    if args.checkpoint:  # the deployment package as mpcl-export writes it, with its checks
+        from mpcl.export.pipeline import ExportOptions, export_package
+
+        options = ExportOptions(onnx=True, int8=True, threads=args.threads, progress=False)
+        report = export_package(
+            args.checkpoint, scratch / "model", options, data_root=str(args.data_root), echo=print
+        )
+        return report.package.root
+    return make_default_package(scratch)
+
+
+def _table(report_rows: dict) -> list[str]:
+    """One line per (row, cases): latency, speed-up and Dice change against torch eager, the goal."""
+    lines = [
+        f"{'row/cases':20} {'median s':>9} {'floor s':>8} {'speed-up':>8} {'peak MiB':>9} "
+        f"{'test Dice':>9} {'dDice pts':>9}  goal (>= {GOAL_SPEEDUP:g}x, <= {GOAL_MAX_DICE_DROP_POINTS:g} pt)"
+    ]
+    dice = {
+        key.split("/")[0]: v["dice_test"]["mean_dice"] for key, v in report_rows.items() if v["dice_test"]
+    }
+    for key, outcome in report_rows.items():
+        row, kind = key.split("/")
+        summary = outcome["summary"]
+        baseline = report_rows.get(f"torch/{kind}")
+        speedup = baseline["summary"]["median_s"] / summary["median_s"] if baseline else float("nan")
+        row_dice = dice.get(row, float("nan"))
+        change = 100 * (row_dice - dice["torch"]) if "torch" in dice else float("nan")
+        goal = "yes" if speedup >= GOAL_SPEEDUP and -change <= GOAL_MAX_DICE_DROP_POINTS else "no"
+        outcome["speedup_vs_torch"], outcome["dice_change_points_vs_torch"] = speedup, change
+        lines.append(
+            f"{key:20} {summary['median_s']:9.3f} {summary['network_floor_median_s']:8.3f} {speedup:7.2f}x "
+            f"{outcome['peak_rss_mib']:9.0f} {row_dice:9.4f} {change:+9.2f}  {goal}"
+        )
+    return lines
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--package", type=Path, help="an existing model package")
-    parser.add_argument("--checkpoint", type=Path, help="a training checkpoint to package first")
+    parser.add_argument("--package", type=Path, help="a model package (mpcl-export --onnx --int8)")
+    parser.add_argument("--checkpoint", type=Path, help="a training checkpoint to export (int8) first")
+    parser.add_argument("--student-package", type=Path, help="a package from mpcl-export --distill")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "acdc")
-    parser.add_argument("--acdc-cases", type=int, default=4, help="first N volumes of test.list")
+    parser.add_argument("--acdc-cases", type=int, default=4, help="first N volumes of test.list (latency)")
+    parser.add_argument("--dice-cases", type=int, default=40, help="first N test volumes for Dice (0: none)")
     parser.add_argument("--ct-slices", type=int, default=100)
     parser.add_argument("--ct-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--backends", default="onnxruntime,torch")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
+    parser.add_argument("--quick", action="store_true", help="2 ACDC volumes, 1 repeat, no CT: a smoke run")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     parser.add_argument("--output", type=Path, default=RESULTS / "inference_cpu.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.quick:
+        args.acdc_cases, args.dice_cases, args.repeats, args.ct_slices = 2, 2, 1, 0
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown row(s) {sorted(unknown)}; choose from {list(ROWS)}")
 
     with tempfile.TemporaryDirectory(prefix="mpcl-inference-") as scratch:
         scratch = Path(scratch)
-        if args.package:
-            package = args.package
-        elif args.checkpoint:
-            from mpcl.training.package import write_model_package
-
-            package = write_model_package(args.checkpoint, scratch / "model").root
-        else:
-            package = make_default_package(scratch)
-        cases = make_cases(scratch, args.data_root, args.acdc_cases, args.ct_slices, args.ct_size)
-        report_rows = {}
-        for backend in args.backends.split(","):
+        packages = {"main": _package_for_rows(args, scratch), "student": args.student_package}
+        cases, labelled = make_cases(
+            scratch, args.data_root, args.acdc_cases, args.ct_slices, args.ct_size, args.dice_cases
+        )
+        report_rows, skipped = {}, {}
+        for row in args.rows.split(","):
+            which, backend, roles = ROWS[row]
+            view = packages[which] and package_view(packages[which], roles, scratch / "views" / row)
+            if not view:
+                skipped[row] = f"no {which} package with {', '.join(roles)}"
+                continue
             for kind, paths in cases.items():
                 if not paths:
                     continue
                 spec = {
-                    "package": str(package),
+                    "row": row,
+                    "package": str(view),
                     "backend": backend,
                     "cases": paths,
+                    "labelled": labelled if kind == "acdc" else [],
                     "repeats": args.repeats,
                     "threads": args.threads,
                     "batch_size": args.batch_size,
                 }
                 outcome = _run_worker(spec)
                 outcome["summary"] = _summary(outcome["cases"])
-                report_rows[f"{backend}/{kind}"] = outcome
-                print(f"done {backend}/{kind}", file=sys.stderr, flush=True)
+                report_rows[f"{row}/{kind}"] = outcome
+                print(f"done {row}/{kind} ({outcome['describe']})", file=sys.stderr, flush=True)
 
-    header = f"{'backend/cases':24} {'median s':>9} {'floor s':>8} {'write s':>8} {'peak RSS MiB':>13}"
-    print(header + "  stages (median s)")
-    for key, outcome in report_rows.items():
-        summary = outcome["summary"]
-        stages = ", ".join(f"{k} {v:.3f}" for k, v in summary["stages_median_s"].items() if v >= 0.0005)
-        print(
-            f"{key:24} {summary['median_s']:9.3f} {summary['network_floor_median_s']:8.3f} "
-            f"{summary['write_nii_gz_median_s']:8.3f} {outcome['peak_rss_mib']:13.0f}  {stages}"
-        )
+    for line in _table(report_rows):
+        print(line)
+    for row, reason in skipped.items():
+        print(f"skipped {row}: {reason}")
     import onnxruntime
 
     try:
@@ -251,10 +355,14 @@ def main() -> None:
             "model": "package " + str(args.package)
             if args.package
             else str(args.checkpoint or "random U-Net"),
+            "student_package": str(args.student_package) if args.student_package else None,
             "acdc_cases": args.acdc_cases,
+            "dice_cases": len(labelled),
             "ct_shape_zyx": [args.ct_slices, args.ct_size, args.ct_size],
+            "goal": {"speedup_vs_torch": GOAL_SPEEDUP, "max_dice_drop_points": GOAL_MAX_DICE_DROP_POINTS},
         },
         "results": report_rows,
+        "skipped": skipped,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

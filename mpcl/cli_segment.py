@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model package folder (holding model.json)")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "torch", "tensorrt"))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "int8"),
+        help="ONNX model to run: auto = int8 on CPU / fp16 on CUDA when the package has them, else fp32",
+    )
     parser.add_argument("--tta", action="store_true", help="average over flipped copies (4x slower)")
     parser.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities")
     parser.add_argument("--uncertainty", action="store_true", help="also write <case>_uncertainty (entropy)")
@@ -106,6 +112,7 @@ def _run(args: argparse.Namespace) -> int:
             tta=args.tta,
             postprocess=not args.no_postprocess,
             threads=args.threads,
+            precision=args.precision,
         )
     except MPCLError as error:
         print(f"Error: {error}", file=sys.stderr, flush=True)

@@ -5,6 +5,10 @@ the intensity normalisation and patch size the network was trained with, the in-
 the optional post-processing, and every network file with its SHA-256, so that a swapped or truncated
 file is caught before it silently produces a wrong segmentation. Unknown format versions are refused
 rather than guessed at. Reading a package needs neither torch nor onnxruntime.
+
+``mpcl-export`` adds optional files within format version 1 (older packages stay valid): int8 and fp16
+ONNX variants (roles ``onnx_int8``, ``onnx_fp16``) and a TensorRT engine whose entry records the GPU name
+and TensorRT version it was built for; each entry also records the check it passed (parity, Dice).
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from mpcl.preprocessing import NORMALIZATION_SCHEMES
 PACKAGE_FORMAT = "mpcl-model-package"
 PACKAGE_VERSION = 1
 MODEL_JSON = "model.json"
-FILE_ROLES = ("onnx", "torch", "tensorrt")
+FILE_ROLES = ("onnx", "onnx_int8", "onnx_fp16", "torch", "tensorrt")
+# Which ONNX file holds each precision: fp32 is the reference graph, the others are derived from it by
+# ``mpcl-export`` and kept only when they pass its parity / Dice checks (recorded in their entries).
+ONNX_ROLES = {"fp32": "onnx", "int8": "onnx_int8", "fp16": "onnx_fp16"}
+# What a TensorRT entry must record: an engine only runs on the GPU model and TensorRT version it was
+# built with, so the backend compares these before deserialising anything.
+TENSORRT_REQUIRED_INFO = ("gpu_name", "tensorrt_version")
 
 # The only in-plane policy this runtime implements; it is what training evaluation does
 # (mpcl.training.evaluate.predict_probabilities): slices along the coarsest-spaced axis, each resized
@@ -173,7 +183,7 @@ def build_model_json(
 ) -> dict[str, Any]:
     """model.json content from checkpoint metadata (``mpcl.training.checkpoint.build_metadata``).
 
-    ``files`` maps a role (onnx, torch, tensorrt) to ``{"path": relative name, "sha256": ..., ...}``;
+    ``files`` maps a role (``FILE_ROLES``) to ``{"path": relative name, "sha256": ..., ...}``;
     ``postprocessing`` is ``{"largest_component": [class names] or true, "fill_holes": [...] or true}``.
     """
     colors = dict(colors or {})
@@ -307,6 +317,8 @@ def parse_model_json(data: Any, root: Path) -> ModelPackage:
         files[role] = PackageFile(role, path, entry.get("sha256"), info)
     if not ({"onnx", "torch"} & set(files)):
         raise _fail(where, "the package holds no onnx or torch network file")
+    if ({"onnx_int8", "onnx_fp16"} & set(files)) and "onnx" not in files:
+        raise _fail(where, "an int8/fp16 ONNX file is listed without the fp32 ONNX file it was derived from")
 
     return ModelPackage(
         root=root,

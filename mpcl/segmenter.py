@@ -12,6 +12,10 @@ resize each to the patch (corner-aligned bilinear), run the backend on batches o
 the probabilities back to the slice's own size, argmax. Only a batch of slices is ever held at patch or
 probability resolution, so memory grows with the volume (input + normalised copy + uint8 labels), not
 with the number of classes, unless full probabilities are asked for.
+
+With the torch backend on a CUDA GPU and triton installed (``fused_kernels``), the same per-batch work
+runs as two fused Triton kernels (``mpcl.kernels``): raw slices go to the GPU, are normalised and resized
+there, and only labels (and the maps asked for) come back; the numpy functions above are their reference.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from mpcl.backends import Backend, select_backend
-from mpcl.errors import Cancelled, InputError
+from mpcl.errors import Cancelled, ConfigError, InputError
 from mpcl.inputs import case_name, load_input
 from mpcl.io import ImageGeometry, atomic_outputs, write_image, write_segmentation_nrrd, write_vector_image
+from mpcl.kernels import FUSED_KERNEL_MODES
+from mpcl.kernels.reference import HeadOutputs, NormalizationAffine, average_flips, normalization_affine
 from mpcl.model_package import ClassLabel, ModelPackage, load_model_package
 from mpcl.postprocessing import apply_postprocessing, normalized_entropy, softmax
 from mpcl.preprocessing import normalize_intensity, resize_2d, through_plane_axis
@@ -196,6 +202,11 @@ class Segmenter:
     ``backend`` is ``auto`` (fastest available, logged), ``onnxruntime``, ``torch`` or ``tensorrt``;
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. ``tta`` averages the probabilities over
     horizontal/vertical flips (4 network passes); ``postprocess`` applies the package's clean-ups.
+    ``fused_kernels`` (``auto``, ``on``, ``off``): run preprocessing and the output head as fused Triton
+    kernels; ``auto`` does where it can (torch backend, CUDA, triton installed), ``on`` refuses to run
+    otherwise. The log says which path runs. ``precision`` (ONNX Runtime: ``auto``, ``fp32``, ``fp16``,
+    ``int8``): ``auto`` runs the package's int8 model on CPU and fp16 on CUDA when it has them (both were
+    checked against the fp32 model's Dice by ``mpcl-export``); the others ask for one file.
     """
 
     def __init__(
@@ -208,11 +219,25 @@ class Segmenter:
         tta: bool = False,
         postprocess: bool = True,
         threads: int | None = None,
+        fused_kernels: str = "auto",
+        precision: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        if fused_kernels not in FUSED_KERNEL_MODES:
+            raise InputError(f"fused_kernels must be one of {FUSED_KERNEL_MODES}, got {fused_kernels!r}")
         self.package = package if isinstance(package, ModelPackage) else load_model_package(package)
-        self.backend: Backend = select_backend(self.package, backend, device, threads=threads)
+        self.backend: Backend = select_backend(
+            self.package, backend, device, threads=threads, fused_kernels=fused_kernels, precision=precision
+        )
+        self.fused = bool(getattr(self.backend, "fused_kernels", False))
+        reason = getattr(self.backend, "fused_reason", None) or f"the {self.backend.name} backend has none"
+        if fused_kernels == "on" and not self.fused:
+            raise ConfigError(f"fused_kernels='on' needs the torch backend on a CUDA GPU: {reason}")
+        log.info(
+            "pre/post-processing: %s",
+            "fused Triton kernels on " + self.backend.device if self.fused else f"numpy ({reason})",
+        )
         self.batch_size = int(batch_size)
         self.tta = tta
         self.postprocess = postprocess
@@ -273,9 +298,15 @@ class Segmenter:
         report(0.05, f"{loaded.name}: normalising")
         started = time.perf_counter()
         package = self.package
-        normalized = normalize_intensity(
-            loaded.array, package.normalization_scheme, package.normalization_params
-        )
+        affine = None
+        if self.fused:  # statistics only: the kernels normalise the raw slices on the device
+            normalized = np.asarray(loaded.array, dtype=np.float32)
+            scheme, params = package.normalization_scheme, package.normalization_params
+            affine = normalization_affine(normalized, scheme, params)
+        else:
+            normalized = normalize_intensity(
+                loaded.array, package.normalization_scheme, package.normalization_params
+            )
         timings["normalize"] = time.perf_counter() - started
         geometry, name = loaded.geometry, loaded.name
         del loaded  # the raw volume is no longer needed: only the normalised copy stays in memory
@@ -289,6 +320,7 @@ class Segmenter:
             report,
             cancel_event,
             timings,
+            affine,
         )
         report(1.0, f"{result.name}: done")
         return result
@@ -304,8 +336,13 @@ class Segmenter:
         report: _Progress,
         cancel_event: CancelEvent | None,
         timings: dict[str, float],
+        affine: NormalizationAffine | None = None,
     ) -> SegmentationResult:
-        """Slice-wise inference on a normalised (z, y, x) volume; see the module docstring."""
+        """Slice-wise inference on a normalised (z, y, x) volume; see the module docstring.
+
+        With ``affine`` the volume holds raw float32 intensities and the fused kernels normalise them
+        (their time goes to ``resize_to_patch`` and ``argmax_entropy``; ``softmax``/``resize_back`` stay 0).
+        """
         package, shape = self.package, normalized.shape
         axis = through_plane_axis(geometry.spacing)
         log.debug("%s: shape %s, spacing %s, slicing array axis %d", name, shape, geometry.spacing, axis)
@@ -321,20 +358,26 @@ class Segmenter:
         for start in range(0, count, self.batch_size):
             _check_cancel(cancel_event, name)
             stop = min(start + self.batch_size, count)
-            clock = time.perf_counter()
-            batch = np.ascontiguousarray(resize_2d(slices[start:stop], package.patch_size, order=1)[:, None])
-            timings["resize_to_patch"] += time.perf_counter() - clock
-            chunk = self._probabilities(batch, tta, timings)
-            clock = time.perf_counter()
-            chunk = resize_2d(chunk, out_hw, order=1)  # (b, C, H, W) on the slice's own grid
-            timings["resize_back"] += time.perf_counter() - clock
-            clock = time.perf_counter()
-            label_slices[start:stop] = chunk.argmax(axis=1)
+            if affine is None:
+                head = self._numpy_batch(
+                    slices[start:stop], out_hw, tta, want_probabilities, want_uncertainty, timings
+                )
+            else:
+                head = self.backend.segment_slices(
+                    slices[start:stop],
+                    affine,
+                    package.patch_size,
+                    TTA_FLIPS if tta else ((),),
+                    want_probabilities,
+                    want_uncertainty,
+                    timings,
+                )
+            label_slices[start:stop] = head.labels
             if probabilities is not None:
-                np.moveaxis(probabilities, axis + 1, 1)[:, start:stop] = chunk.transpose(1, 0, 2, 3)
+                chunk = head.probabilities.transpose(1, 0, 2, 3)
+                np.moveaxis(probabilities, axis + 1, 1)[:, start:stop] = chunk
             if uncertainty is not None:
-                np.moveaxis(uncertainty, axis, 0)[start:stop] = normalized_entropy(chunk)
-            timings["argmax_entropy"] += time.perf_counter() - clock
+                np.moveaxis(uncertainty, axis, 0)[start:stop] = head.uncertainty
             report(0.1 + 0.85 * stop / count, f"{name}: slices {stop}/{count}")
         _check_cancel(cancel_event, name)
         if self.postprocess and package.postprocessing.enabled:
@@ -346,6 +389,29 @@ class Segmenter:
             labels, geometry, package.labels, probabilities, uncertainty, name, self.backend.name, timings
         )
 
+    def _numpy_batch(
+        self,
+        slices: np.ndarray,
+        out_hw: tuple[int, int],
+        tta: bool,
+        want_probabilities: bool,
+        want_uncertainty: bool,
+        timings: dict[str, float],
+    ) -> HeadOutputs:
+        """Normalised (b, H, W) slices to labels (and maps) on their own grid, in numpy."""
+        clock = time.perf_counter()
+        batch = np.ascontiguousarray(resize_2d(slices, self.package.patch_size, order=1)[:, None])
+        timings["resize_to_patch"] += time.perf_counter() - clock
+        chunk = self._probabilities(batch, tta, timings)
+        clock = time.perf_counter()
+        chunk = resize_2d(chunk, out_hw, order=1)  # (b, C, H, W) on the slice's own grid
+        timings["resize_back"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        labels = chunk.argmax(axis=1)
+        uncertainty = normalized_entropy(chunk) if want_uncertainty else None
+        timings["argmax_entropy"] += time.perf_counter() - clock
+        return HeadOutputs(labels, chunk if want_probabilities else None, uncertainty)
+
     def _probabilities(self, batch: np.ndarray, tta: bool, timings: dict[str, float]) -> np.ndarray:
         """Softmax probabilities (b, C, h, w) at patch size; with TTA, averaged over the flips."""
         flips = TTA_FLIPS if tta else ((),)
@@ -355,12 +421,7 @@ class Segmenter:
         logits = self.backend.run(batch)
         timings["network"] += time.perf_counter() - clock
         clock = time.perf_counter()
-        probabilities = softmax(logits)
-        if len(flips) > 1:
-            size = len(batch) // len(flips)
-            parts = [probabilities[i * size : (i + 1) * size] for i in range(len(flips))]
-            probabilities = sum(np.flip(part, f) if f else part for part, f in zip(parts, flips, strict=True))
-            probabilities = (probabilities / np.float32(len(flips))).astype(np.float32, copy=False)
+        probabilities = average_flips(softmax(logits), flips)
         timings["softmax"] += time.perf_counter() - clock
         return probabilities
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Triton decorates its own library functions (tl.max, tl.argmax, ...) when it is first imported, reading
+# TRITON_INTERPRET then; torch may import triton early (e.g. during ONNX export), so the kernel tests'
+# CPU interpreter has to be chosen before any test imports torch.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ACDC_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc"
 

@@ -1,4 +1,9 @@
-"""ONNX Runtime backend: the default, on CPU or with the CUDA execution provider."""
+"""ONNX Runtime backend: the default, on CPU or with the CUDA execution provider.
+
+A package may hold the fp32 graph and, from ``mpcl-export``, int8 (QDQ) and fp16 variants that passed its
+Dice check. ``precision="auto"`` runs int8 on CPU and fp16 on CUDA when the package has them (the variants
+each hardware runs fastest), else fp32; the file used is named in ``describe()``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,22 @@ import numpy as np
 
 from mpcl.backends import module_available
 from mpcl.errors import ModelPackageError
-from mpcl.model_package import ModelPackage
+from mpcl.model_package import ONNX_ROLES, ModelPackage
+
+PRECISIONS = ("auto", *ONNX_ROLES)
+
+
+def onnx_role(package: ModelPackage, device: str, precision: str = "auto") -> str:
+    """The package file role to run: the precision asked for, or the fastest one present for ``device``."""
+    if precision not in PRECISIONS:
+        raise ModelPackageError(f"unknown ONNX precision {precision!r}; expected one of {list(PRECISIONS)}")
+    if precision != "auto":
+        role = ONNX_ROLES[precision]
+        if not package.has(role):
+            raise ModelPackageError(f"{package.root}: the package has no {precision} ONNX file ({role})")
+        return role
+    preferred = ONNX_ROLES["fp16"] if device.startswith("cuda") else ONNX_ROLES["int8"]
+    return preferred if package.has(preferred) else ONNX_ROLES["fp32"]
 
 
 def unavailable_reason(package: ModelPackage, device: str) -> str | None:
@@ -27,10 +47,14 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, package: ModelPackage, device: str = "cpu", threads: int | None = None, precision: str = "auto"
+    ) -> None:
         import onnxruntime
 
-        path = package.path_of("onnx")
+        self.role = onnx_role(package, device, precision)
+        self.precision = next(name for name, role in ONNX_ROLES.items() if role == self.role)
+        path = package.path_of(self.role)
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -58,7 +82,7 @@ class OnnxRuntimeBackend:
         return np.asarray(logits, dtype=np.float32)
 
     def describe(self) -> str:
-        return f"onnxruntime {self.version}, {self.session.get_providers()[0]}"
+        return f"onnxruntime {self.version}, {self.session.get_providers()[0]}, {self.precision}"
 
 
 def _check_shape(path, what: str, shape, channels: int, patch: tuple[int, int]) -> None:
@@ -75,5 +99,7 @@ def _check_shape(path, what: str, shape, channels: int, patch: tuple[int, int]) 
             )
 
 
-def create(package: ModelPackage, device: str, threads: int | None = None, **_ignored) -> OnnxRuntimeBackend:
-    return OnnxRuntimeBackend(package, device, threads)
+def create(
+    package: ModelPackage, device: str, threads: int | None = None, precision: str = "auto", **_ignored
+) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(package, device, threads, precision)

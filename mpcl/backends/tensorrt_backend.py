@@ -1,8 +1,11 @@
 """TensorRT backend: a serialized engine from the package (added by ``mpcl-export``), on a CUDA GPU.
 
 Engines are specific to a GPU model and a TensorRT version, so this backend is only picked when the
-package lists one, TensorRT is importable and a GPU is present. Device buffers and the CUDA stream come
-from torch (always installed next to TensorRT in practice), which keeps this module free of pycuda.
+package lists one, TensorRT is importable, a GPU is present, and the GPU name and TensorRT version that
+``mpcl-export`` recorded in model.json match this machine (an engine is never deserialised elsewhere:
+``auto`` then falls back to ONNX Runtime, and asking for ``tensorrt`` explicitly is refused with the
+reason). Device buffers and the CUDA stream come from torch (always installed next to TensorRT in
+practice), which keeps this module free of pycuda.
 """
 
 from __future__ import annotations
@@ -11,7 +14,40 @@ import numpy as np
 
 from mpcl.backends import gpu_present, module_available
 from mpcl.errors import ModelPackageError
-from mpcl.model_package import ModelPackage
+from mpcl.model_package import TENSORRT_REQUIRED_INFO, ModelPackage
+
+
+def current_gpu_name(device: str = "cuda") -> str:
+    """The name of the CUDA device as torch reports it; export records the same string it compares."""
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    return str(torch.cuda.get_device_name(index))
+
+
+def engine_mismatch(package: ModelPackage, device: str) -> str | None:
+    """Why the package's engine cannot run here (GPU or TensorRT version differs), or None if it can."""
+    import tensorrt
+
+    info = package.files["tensorrt"].info
+    missing = [key for key in TENSORRT_REQUIRED_INFO if not info.get(key)]
+    if missing:
+        return (
+            f"model.json does not record the engine's {' and '.join(missing)}; "
+            "rebuild it with mpcl-export --trt"
+        )
+    if str(info["tensorrt_version"]) != tensorrt.__version__:
+        return (
+            f"the engine was built with TensorRT {info['tensorrt_version']} and this is TensorRT "
+            f"{tensorrt.__version__}; rebuild it with mpcl-export --trt"
+        )
+    gpu = current_gpu_name(device)
+    if str(info["gpu_name"]) != gpu:
+        return (
+            f"the engine was built for a {info['gpu_name']} and this GPU is a {gpu}; "
+            "rebuild it with mpcl-export --trt"
+        )
+    return None
 
 
 def unavailable_reason(package: ModelPackage, device: str) -> str | None:
@@ -25,7 +61,11 @@ def unavailable_reason(package: ModelPackage, device: str) -> str | None:
         return "the TensorRT backend needs torch (with CUDA) for its device buffers"
     if not gpu_present():
         return "no NVIDIA GPU found"
-    return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    return engine_mismatch(package, device)
 
 
 class TensorRTBackend:
@@ -45,6 +85,9 @@ class TensorRTBackend:
         if not torch.cuda.is_available():
             raise ModelPackageError("the TensorRT backend needs a CUDA GPU visible to torch")
         path = package.path_of("tensorrt")
+        mismatch = engine_mismatch(package, device)
+        if mismatch is not None:
+            raise ModelPackageError(f"{path}: {mismatch}")
         self.trt, self.torch = trt, torch
         self.device = device if ":" in device else "cuda:0"
         self.logger = trt.Logger(trt.Logger.WARNING)

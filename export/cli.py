@@ -1,0 +1,128 @@
+"""``mpcl-export``: a trained checkpoint (or a model package) in, a checked deployment package out.
+
+Exit codes follow ``mpcl-segment``: 0 everything asked for was written; 1 the package was written but an
+artefact asked for (int8, fp16, TensorRT) was refused by its check and left out; 2 nothing was written
+(bad input, a missing optional dependency, or the deployment student / fp32 ONNX graph failed its check),
+with one sentence saying why.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mpcl.training.cli import _friendly_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Model package folder.")
+@click.option("--onnx", is_flag=True, help="fp32 ONNX graph (opset 17), parity-checked against torch.")
+@click.option("--int8", is_flag=True, help="Static int8 (QDQ) ONNX for CPUs, Dice-gated (implies --onnx).")
+@click.option("--fp16", is_flag=True, help="fp16 ONNX for GPUs, parity- and Dice-gated (implies --onnx).")
+@click.option("--trt", is_flag=True, help="TensorRT engine for this GPU (needs mpcl[trt]; implies --onnx).")
+@click.option(
+    "--distill",
+    "distill_config",
+    type=click.Path(path_type=Path),
+    help="Train a compact student from this YAML config (configs/distill/small.yaml) and ship it.",
+)
+@click.option(
+    "--max-dice-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Dice points (1 = 0.01 Dice) an artefact may lose on the validation volumes vs the source.",
+)
+@click.option("--data-root", type=str, help="Override the data root stored in the checkpoint's config.")
+@click.option(
+    "--calibration-slices",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Training slices that calibrate int8 activation ranges.",
+)
+@click.option(
+    "--calibration-method",
+    type=click.Choice(["minmax", "percentile", "entropy"]),
+    default="minmax",
+    show_default=True,
+    help="How int8 activation ranges are chosen from the calibration slices.",
+)
+@click.option(
+    "--parity-slices",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Validation slices the logit parity checks run on.",
+)
+@click.option(
+    "--trt-precision",
+    type=click.Choice(["fp16", "fp32"]),
+    default="fp16",
+    show_default=True,
+    help="Engine precision (fp16: built from the fp16 ONNX copy).",
+)
+@click.option(
+    "--trt-max-batch",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Largest batch of slices in the engine's optimisation profile.",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads for the checks.")
+@click.option("--name", default="", help="Package name in model.json (default: the folder name).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model package.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_friendly_errors
+def export_main(
+    source,
+    output,
+    onnx,
+    int8,
+    fp16,
+    trt,
+    distill_config,
+    max_dice_drop,
+    data_root,
+    calibration_slices,
+    calibration_method,
+    parity_slices,
+    trt_precision,
+    trt_max_batch,
+    threads,
+    name,
+    overwrite,
+    no_progress,
+) -> None:
+    """Export SOURCE (a checkpoint such as best.pt, or a model package folder) as a model package.
+
+    Always writes the deployment student (training-only parts stripped, batch-norm folded) as model.pt;
+    the options add ONNX artefacts, each checked against the source model before it is kept. Exit code
+    0: all written; 1: written, but an artefact asked for was refused by its check; 2: nothing written.
+    """
+    from mpcl.export.pipeline import ExportOptions, export_package
+
+    options = ExportOptions(
+        onnx=onnx,
+        int8=int8,
+        fp16=fp16,
+        trt=trt,
+        distill=distill_config,
+        max_dice_drop=max_dice_drop,
+        calibration_slices=calibration_slices,
+        calibration_method=calibration_method,
+        parity_slices=parity_slices,
+        trt_precision=trt_precision,
+        trt_max_batch=trt_max_batch,
+        threads=threads,
+        name=name,
+        progress=not no_progress,
+    )
+    report = export_package(
+        source, output, options, overwrite=overwrite, data_root=data_root, echo=click.echo
+    )
+    if report.refused:
+        sys.exit(1)
