@@ -1,0 +1,213 @@
+"""Runs MPCLSegmentation.py's own Logic, self-test and QProcess runner on slicer-core.
+
+slicer-core has the MRML scene, nodes, segmentations logic and ``slicer.util`` (addVolumeFromArray,
+arrayFromSegmentBinaryLabelmap, ...) but no application. The few application pieces the module
+touches are stood in for here, and only those: the ScriptedLoadableModule base classes, ``slicer.i18n``,
+``slicer.app.temporaryPath``, ``slicer.modules.segmentations.logic()``, ``slicer.util.loadSegmentation``
+(via Slicer's segmentation storage node) and, for the widget's runner, ``qt.QProcess``, emulated over
+``subprocess`` with PythonQt's calling conventions (string signal signatures, QByteArray.data() bytes).
+The emulation checks the runner's own logic (line buffering, exit handling, kill on cancel); that it
+behaves the same under PythonQt is checked only in a real Slicer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import types
+import unittest
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("slicer_core", reason="needs the slicer-core wheel (pip install -e .[slicer])")
+slicer = pytest.importorskip("slicer")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' module is not slicer-core's", allow_module_level=True)
+import slicer.util  # noqa: E402
+
+PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "slicer" / "MPCLSegmentation"
+if str(PLUGIN) not in sys.path:
+    sys.path.insert(0, str(PLUGIN))
+
+from MPCLSegmentationLib import testdata  # noqa: E402
+from MPCLSegmentationLib.process import SegmentOptions  # noqa: E402
+
+
+class _QByteArray:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def data(self) -> bytes:
+        return self._data
+
+
+class _QProcess:
+    """subprocess behind the subset of PythonQt's qt.QProcess API the runner uses; ``pump`` delivers
+    output in split chunks (to exercise partial lines) and then the finished signal."""
+
+    NotRunning, Running = 0, 2
+    MergedChannels = 1
+    NormalExit, CrashExit = 0, 1
+    FailedToStart = 0
+
+    def __init__(self) -> None:
+        self.slots, self.buffer, self.process, self.running, self.environment = {}, b"", None, False, {}
+        self.on_line = None
+
+    def setProcessChannelMode(self, mode) -> None:
+        assert mode == self.MergedChannels
+
+    def setProcessEnvironment(self, environment) -> None:
+        self.environment = environment.values
+
+    def connect(self, signature: str, slot) -> None:
+        self.slots[signature] = slot
+
+    def state(self) -> int:
+        return self.Running if self.running else self.NotRunning
+
+    def start(self, program: str, arguments: list[str]) -> None:
+        try:
+            self.process = subprocess.Popen(
+                [program, *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.environment
+            )
+        except OSError:
+            self.slots["errorOccurred(QProcess::ProcessError)"](self.FailedToStart)
+            return
+        self.running = True
+
+    def pump(self) -> None:
+        for raw in iter(self.process.stdout.readline, b""):
+            for chunk in (raw[:3], raw[3:]):
+                self.buffer += chunk
+                self.slots["readyReadStandardOutput()"]()
+            if self.on_line is not None:
+                self.on_line()
+        code = self.process.wait()
+        self.running = False
+        status = self.CrashExit if code < 0 else self.NormalExit
+        self.slots["finished(int,QProcess::ExitStatus)"](max(code, 0), status)
+
+    def canReadLine(self) -> bool:
+        return b"\n" in self.buffer
+
+    def readLine(self) -> _QByteArray:
+        end = self.buffer.index(b"\n") + 1
+        line, self.buffer = self.buffer[:end], self.buffer[end:]
+        return _QByteArray(line)
+
+    def readAll(self) -> _QByteArray:
+        data, self.buffer = self.buffer, b""
+        return _QByteArray(data)
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+class _QProcessEnvironment:
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def insert(self, key: str, value: str) -> None:
+        self.values[key] = value
+
+
+class _SelfTestCase(unittest.TestCase):
+    """ScriptedLoadableModuleTest's role: a TestCase with delayDisplay (not collected by pytest itself)."""
+
+    __test__ = False
+
+    def __init__(self, methodName: str = "runTest") -> None:
+        super().__init__(methodName)
+
+    def delayDisplay(self, message, msec=0):
+        pass
+
+
+@pytest.fixture
+def module(monkeypatch, tmp_path):
+    """MPCLSegmentation.py imported against slicer-core plus the application stand-ins."""
+    scene = slicer.vtkMRMLScene()
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(scene)
+
+    def load_segmentation(path):
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        storage.SetFileName(str(path))
+        assert storage.ReadData(node)
+        return node
+
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic"):
+        setattr(base, name, type(name, (), {"__init__": lambda self, *args: None}))
+    base.ScriptedLoadableModuleTest = _SelfTestCase
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    qt = types.ModuleType("qt")
+    qt.QProcess, qt.QProcessEnvironment = _QProcess, _QProcessEnvironment
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
+    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    segmentations_module = types.SimpleNamespace(logic=lambda: segmentations)
+    monkeypatch.setattr(
+        slicer, "modules", types.SimpleNamespace(segmentations=segmentations_module), raising=False
+    )
+    monkeypatch.setattr(slicer.util, "loadSegmentation", load_segmentation)
+    monkeypatch.delitem(sys.modules, "MPCLSegmentation", raising=False)
+    module = importlib.import_module("MPCLSegmentation")
+    yield module
+    sys.modules.pop("MPCLSegmentation", None)
+
+
+def test_module_self_test_passes(module):
+    module.MPCLSegmentationTest().runTest()
+
+
+def _job(module, volume):
+    options = SegmentOptions(device="cpu", uncertainty=True)
+    return module.MPCLSegmentationLogic().prepare(volume, str(testdata.default_test_model()), options)
+
+
+def test_qprocess_runner_feeds_the_shared_parser_and_cancels(module):
+    array, ijk_to_ras, truth = testdata.sample_volume()
+    volume = slicer.util.addVolumeFromArray(array, ijkToRAS=ijk_to_ras, name="sample")
+    logic = module.MPCLSegmentationLogic()
+
+    job = _job(module, volume)
+    progress, outcomes = [], []
+    run = module.QProcessSegmentation(job, progress.append, lambda job, outcome: outcomes.append(outcome))
+    run.start()
+    run.process.pump()
+    assert [step.fraction for step in progress] == [0.02, 0.2, 1.0]
+    assert len(outcomes) == 1 and outcomes[0].ok and outcomes[0].device == "cpu"
+    output = logic.finish(job, outcomes[0])
+    assert output.voxel_counts == {
+        name: int((truth == value).sum()) for value, name in enumerate(testdata.CLASS_NAMES) if value
+    }
+
+    job = _job(module, volume)
+    outcomes = []
+    run = module.QProcessSegmentation(job, lambda step: None, lambda job, outcome: outcomes.append(outcome))
+    run.start()
+    run.process.on_line = run.cancel  # the user presses Cancel once the child has printed something
+    run.process.pump()
+    assert len(outcomes) == 1 and outcomes[0].cancelled and not outcomes[0].ok
+    with pytest.raises(module.SegmentationError) as raised:
+        logic.finish(job, outcomes[0])
+    assert raised.value.cancelled and not job.work_dir.exists()
+
+    job = _job(module, volume)
+    job.command[0] = str(Path(job.work_dir) / "no-such-python")
+    outcomes = []
+    run = module.QProcessSegmentation(job, lambda step: None, lambda job, outcome: outcomes.append(outcome))
+    run.start()
+    assert len(outcomes) == 1 and "Could not start" in outcomes[0].message
+    logic.discard(job)
