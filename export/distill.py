@@ -20,13 +20,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm import tqdm
 
 from mpcl.errors import ConfigError
 from mpcl.export.parity import mean_dice
-from mpcl.training.config import AugmentConfig, dataclass_from_dict
+from mpcl.training.config import AugmentConfig, dataclass_from_dict, read_yaml
 from mpcl.training.data.base import SegmentationData
 from mpcl.training.data.batches import BatchFactory, prefetch
 from mpcl.training.losses.dice import soft_dice_loss
@@ -82,16 +81,7 @@ def _check(config: DistillConfig) -> None:
 
 def load_distill_config(path: str | Path) -> DistillConfig:
     """Read and validate a distillation YAML file; problems name the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: distillation config file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML ({reason}{where})") from None
+    data = read_yaml(path, "distillation config")
     try:
         config = dataclass_from_dict(DistillConfig, data, "distill")
         _check(config)

@@ -8,6 +8,7 @@ each other), which is scipy.ndimage.zoom's convention and the SSL4MIS evaluation
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,10 +17,27 @@ from mpcl.errors import InputError
 NORMALIZATION_SCHEMES = ("none", "minmax", "zscore", "percentile")
 
 
-def normalize_intensity(
+class NormalizationAffine(NamedTuple):
+    """``(clip(x, lower, upper) - offset) / divisor``: a whole-volume normalisation applied per voxel.
+
+    Every scheme has this form, so statistics (one pass over the volume) and their application (per
+    voxel, e.g. fused with the resize in a GPU kernel) can be split without changing the numbers.
+    """
+
+    lower: float
+    upper: float
+    offset: float
+    divisor: float
+
+
+IDENTITY = NormalizationAffine(-np.inf, np.inf, 0.0, 1.0)
+ZEROS = NormalizationAffine(0.0, 0.0, 0.0, 1.0)  # clipping to [0, 0] maps everything to 0
+
+
+def normalization_affine(
     volume: np.ndarray, scheme: str = "minmax", params: Mapping | None = None
-) -> np.ndarray:
-    """Normalise one whole volume (not slice by slice), as the training data were normalised.
+) -> NormalizationAffine:
+    """The statistics of one whole volume's normalisation (not slice by slice), as training used it.
 
     Schemes: ``none``; ``minmax`` to [0, 1]; ``zscore`` (mean 0, std 1 over the volume); ``percentile``
     (clip to the ``lower``/``upper`` percentiles, default 0.5/99.5, then min-max), robust for CT/MR outliers.
@@ -29,19 +47,41 @@ def normalize_intensity(
     if not np.all(np.isfinite(data)):
         raise InputError("image contains non-finite values (NaN or inf); cannot normalise it")
     if scheme == "none":
-        return data
+        return IDENTITY
     if scheme == "zscore":
         std = float(data.std())
-        return ((data - float(data.mean())) / (std if std > 0 else 1.0)).astype(np.float32, copy=False)
+        return NormalizationAffine(-np.inf, np.inf, float(data.mean()), std if std > 0 else 1.0)
     if scheme == "percentile":
-        lower, upper = np.percentile(data, [params.get("lower", 0.5), params.get("upper", 99.5)])
-        data = np.clip(data, lower, upper)
-    elif scheme != "minmax":
+        lower, upper = (
+            float(v) for v in np.percentile(data, [params.get("lower", 0.5), params.get("upper", 99.5)])
+        )
+        low, high = lower, upper  # after clipping, the volume's min and max are the bounds themselves
+    elif scheme == "minmax":
+        lower, upper = -np.inf, np.inf
+        low, high = float(data.min()), float(data.max())
+    else:
         raise InputError(f"unknown normalisation scheme {scheme!r}; expected one of {NORMALIZATION_SCHEMES}")
-    low, high = float(data.min()), float(data.max())
     if high <= low:
-        return np.zeros_like(data, dtype=np.float32)
-    return ((data - low) / (high - low)).astype(np.float32, copy=False)  # no extra volume-sized copy
+        return ZEROS
+    return NormalizationAffine(lower, upper, low, high - low)
+
+
+def apply_normalization(data: np.ndarray, affine: NormalizationAffine) -> np.ndarray:
+    """Apply an affine from :func:`normalization_affine` in float32, with one volume-sized copy at most."""
+    lower, upper, offset, divisor = (np.float32(v) for v in affine)
+    values = np.array(data, dtype=np.float32, copy=True)
+    if np.isfinite(lower) or np.isfinite(upper):
+        np.clip(values, lower, upper, out=values)
+    values -= offset
+    values /= divisor
+    return values
+
+
+def normalize_intensity(
+    volume: np.ndarray, scheme: str = "minmax", params: Mapping | None = None
+) -> np.ndarray:
+    """Normalise one whole volume as training did: :func:`normalization_affine` then apply it."""
+    return apply_normalization(volume, normalization_affine(volume, scheme, params))
 
 
 def _axis_coordinates(n_in: int, n_out: int) -> np.ndarray:

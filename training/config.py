@@ -255,15 +255,25 @@ def config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
     return config
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
-    """Read and validate a YAML config; ``overrides`` are dotted keys (``train.iterations``) to values."""
+def read_yaml(path: str | Path, kind: str = "config") -> Any:
+    """The parsed content of a YAML file (empty file: {}); a missing file or bad YAML is one sentence."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
+        raise ConfigError(f"{path}: {kind} file does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({reason}{where})") from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config; ``overrides`` are dotted keys (``train.iterations``) to values."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

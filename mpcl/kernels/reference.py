@@ -13,28 +13,26 @@ per voxel while it resizes: every scheme of ``normalize_intensity`` has that for
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from mpcl.errors import InputError
 from mpcl.postprocessing import normalized_entropy, softmax
-from mpcl.preprocessing import NORMALIZATION_SCHEMES, resize_2d
+from mpcl.preprocessing import (  # noqa: F401  (re-exported: the kernels' normalisation contract)
+    IDENTITY,
+    ZEROS,
+    NormalizationAffine,
+    apply_normalization,
+    normalization_affine,
+    resize_2d,
+)
 
 Flip = tuple[int, ...]
 # Bit 0: flip along the last axis (x, -1); bit 1: flip along the second last (y, -2). With the Segmenter's
 # TTA order ((), (-1,), (-2,), (-2, -1)) part f has code f.
 _FLIP_BITS = {-1: 1, -2: 2}
-
-
-class NormalizationAffine(NamedTuple):
-    """``(clip(x, lower, upper) - offset) / divisor``: a whole-volume normalisation applied per voxel."""
-
-    lower: float
-    upper: float
-    offset: float
-    divisor: float
 
 
 class HeadOutputs(NamedTuple):
@@ -45,9 +43,6 @@ class HeadOutputs(NamedTuple):
     probabilities: np.ndarray | None
     uncertainty: np.ndarray | None
 
-
-IDENTITY = NormalizationAffine(-np.inf, np.inf, 0.0, 1.0)
-ZEROS = NormalizationAffine(0.0, 0.0, 0.0, 1.0)  # clipping to [0, 0] maps everything to 0
 
 
 def flip_code(flip: Flip) -> int:
@@ -66,46 +61,6 @@ def average_flips(probabilities: np.ndarray, flips: Sequence[Flip]) -> np.ndarra
     parts = [probabilities[i * size : (i + 1) * size] for i in range(len(flips))]
     total = sum(np.flip(part, f) if f else part for part, f in zip(parts, flips, strict=True))
     return (total / np.float32(len(flips))).astype(np.float32, copy=False)
-
-
-def normalization_affine(
-    volume: np.ndarray, scheme: str = "minmax", params: Mapping | None = None
-) -> NormalizationAffine:
-    """The statistics of ``normalize_intensity(volume, scheme, params)`` as an affine map with clipping.
-
-    ``apply_normalization(volume, normalization_affine(volume, ...))`` equals ``normalize_intensity`` to
-    float32 rounding (the percentile scheme is computed there in float64).
-    """
-    params = dict(params or {})
-    data = np.asarray(volume, dtype=np.float32)
-    if not np.all(np.isfinite(data)):
-        raise InputError("image contains non-finite values (NaN or inf); cannot normalise it")
-    if scheme == "none":
-        return IDENTITY
-    if scheme == "zscore":
-        std = float(data.std())
-        return NormalizationAffine(-np.inf, np.inf, float(data.mean()), std if std > 0 else 1.0)
-    if scheme == "percentile":
-        lower, upper = (
-            float(v) for v in np.percentile(data, [params.get("lower", 0.5), params.get("upper", 99.5)])
-        )
-        # after clipping to [lower, upper] the volume's min and max are lower and upper themselves
-        low, high = lower, upper
-    elif scheme == "minmax":
-        lower, upper = -np.inf, np.inf
-        low, high = float(data.min()), float(data.max())
-    else:
-        raise InputError(f"unknown normalisation scheme {scheme!r}; expected one of {NORMALIZATION_SCHEMES}")
-    if high <= low:
-        return ZEROS
-    return NormalizationAffine(lower, upper, low, high - low)
-
-
-def apply_normalization(data: np.ndarray, affine: NormalizationAffine) -> np.ndarray:
-    """Apply an affine from :func:`normalization_affine` in float32, as the preprocessing kernel does."""
-    values = np.asarray(data, dtype=np.float32)
-    lower, upper, offset, divisor = (np.float32(v) for v in affine)
-    return ((np.minimum(np.maximum(values, lower), upper) - offset) / divisor).astype(np.float32, copy=False)
 
 
 def preprocess_reference(
