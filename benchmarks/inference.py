@@ -58,9 +58,9 @@ def make_default_package(folder: Path) -> Path:
     """A full-size, randomly initialised U-Net packaged exactly as training packages its models."""
     import torch
 
+    from mpcl.export.pipeline import write_model_package
     from mpcl.training.checkpoint import build_metadata, save_checkpoint
     from mpcl.training.networks.unet import UNet
-    from mpcl.training.package import write_model_package
 
     config = {"data": {"patch_size": [256, 256]}, "model": {"channels": [16, 32, 64, 128, 256]}}
     metadata = build_metadata(config, ["background", "RV", "myocardium", "LV"], {"scheme": "minmax"}, "none")

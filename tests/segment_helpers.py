@@ -50,7 +50,7 @@ def make_checkpoint(path: Path, seed: int = 0, normalization: dict | None = None
 
 
 def make_package(folder: Path, **package_options) -> Path:
-    from mpcl.training.package import write_model_package
+    from mpcl.export.pipeline import write_model_package
 
     checkpoint = make_checkpoint(folder / "best.pt")
     write_model_package(checkpoint, folder / "model", **package_options)

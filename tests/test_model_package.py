@@ -116,7 +116,7 @@ def test_replaced_file_fails_its_checksum(package_copy):
 
 def test_onnx_with_wrong_class_count_is_refused(package_copy, tmp_path):
     """An ONNX file from another model (3 classes) under a 4-class model.json: a mismatched file."""
-    from mpcl.training.package import write_model_package
+    from mpcl.export.pipeline import write_model_package
 
     write_model_package(
         make_checkpoint(tmp_path / "three.pt", class_names=["bg", "a", "b"]), tmp_path / "three"
@@ -162,7 +162,7 @@ def test_postprocessing_names_become_class_values(package_copy):
 
 
 def test_existing_package_needs_overwrite(tmp_path):
-    from mpcl.training.package import write_model_package
+    from mpcl.export.pipeline import write_model_package
 
     folder = make_package(tmp_path)
     before = (folder / MODEL_JSON).read_text()

@@ -79,10 +79,10 @@ def test_probabilities_match_training_evaluation(
 ):
     import torch
 
+    from mpcl.export.student import build_network_from_spec
     from mpcl.training.checkpoint import load_checkpoint
     from mpcl.training.data.base import Volume
     from mpcl.training.evaluate import predict_probabilities
-    from mpcl.training.package import build_network_from_spec
 
     package = segmenter.package
     model = build_network_from_spec(package.network, 1, package.num_classes)

@@ -307,7 +307,7 @@ class Trainer:
 
     def _write_model_package(self) -> None:
         """The deployable package (model.json + weights [+ ONNX]) that ``mpcl.Segmenter`` loads."""
-        from mpcl.training.package import write_model_package
+        from mpcl.export.pipeline import write_model_package
 
         best = self.output_dir / "best.pt"
         source = best if best.exists() else self.output_dir / "latest.pt"

@@ -69,8 +69,8 @@ class TorchBackend:
         self.fused_reason = reason
         import torch
 
+        from mpcl.export.student import build_network_from_spec
         from mpcl.training.checkpoint import load_checkpoint
-        from mpcl.training.package import build_network_from_spec
 
         path = package.path_of("torch")
         try:
