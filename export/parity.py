@@ -129,18 +129,6 @@ def backend_logits(backend, batch: np.ndarray, chunk: int = 16) -> np.ndarray:
     return np.concatenate([backend.run(batch[i : i + chunk]) for i in range(0, len(batch), chunk)])
 
 
-class BackendModule(nn.Module):
-    """An ``mpcl.backends`` backend seen as a torch module, so training's evaluation code can score it."""
-
-    def __init__(self, backend) -> None:
-        super().__init__()
-        self.backend = backend
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.backend.run(array))
-
-
 def mean_dice(model: nn.Module, volumes: Sequence[Volume], class_names: list[str], patch_size) -> float:
     """Mean foreground Dice over ``volumes`` (training's per-volume evaluation protocol), on the device
     the model's weights are on (the CPU for a wrapped backend)."""

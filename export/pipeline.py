@@ -38,7 +38,6 @@ from mpcl.export.onnx_export import (
 from mpcl.export.package import PackageStage, load_source, refuse_existing
 from mpcl.export.parity import (
     THRESHOLDS,
-    BackendModule,
     CheckFailed,
     DiceCheck,
     ParityResult,
@@ -53,6 +52,7 @@ from mpcl.export.student import deployment_spec, fold_batch_norm, stripped_stude
 from mpcl.model_package import ModelPackage, build_model_json, sha256_of
 from mpcl.training.checkpoint import save_checkpoint
 from mpcl.training.data.base import SegmentationData
+from mpcl.training.evaluate import BackendModule
 
 Echo = Callable[[str], None]
 

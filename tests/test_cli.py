@@ -1,6 +1,7 @@
 """mpcl-train / mpcl-eval as a user runs them, including the one-sentence errors."""
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -59,6 +60,25 @@ def test_train_then_eval_then_resume(tmp_path):
     report = json.loads(metrics.read_text())
     assert report["split"] == "test" and len(report["cases"]) == 1
     assert len(list(predictions.glob("*.nii.gz"))) == 1
+
+    # The model package written at the end of training scores the same through mpcl-eval --model (it
+    # holds best.pt's network with batch norm folded), on the data the experiment YAML names.
+    package_metrics = tmp_path / "package_metrics.json"
+    args = ["--model", str(run / "model"), "--config", str(config), "--output", str(package_metrics)]
+    result = runner.invoke(eval_main, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "model package" in result.output
+    package_report = json.loads(package_metrics.read_text())
+    assert package_report["backend"]
+    mean = lambda r: r["summary"]["mean"]["dice"]["mean"]  # noqa: E731
+    assert mean(package_report) == pytest.approx(mean(report), abs=1e-3)
+    renamed = tmp_path / "renamed_model"
+    shutil.copytree(run / "model", renamed)
+    model_json = json.loads((renamed / "model.json").read_text())
+    model_json["classes"][1]["name"] = "something else"
+    (renamed / "model.json").write_text(json.dumps(model_json))
+    result = runner.invoke(eval_main, ["--model", str(renamed), "--config", str(config)])
+    assert result.exit_code == 2 and "are not the data's" in result.output, result.output
 
     # The model package written at the end of training segments the saved image file through the CLI,
     # on the image's grid, with the labels mpcl-eval predicted.
@@ -144,3 +164,18 @@ def test_eval_rejects_a_non_checkpoint(tmp_path):
     junk.write_text("hello")
     result = CliRunner().invoke(eval_main, ["--checkpoint", str(junk)])
     assert result.exit_code == 2 and "model.pt: not a loadable MPCL checkpoint" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], "give either --checkpoint or --model"),
+        (["--checkpoint", "a.pt", "--model", "m"], "give either --checkpoint or --model"),
+        (["--model", "m"], "--model needs --config"),
+        (["--checkpoint", "a.pt", "--config", "c.yaml"], "--config goes with --model"),
+    ],
+)
+def test_eval_takes_one_source(args, expected):
+    result = CliRunner().invoke(eval_main, args)
+    assert result.exit_code == 2 and expected in result.output
+

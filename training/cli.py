@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -110,9 +111,22 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A checkpoint (best.pt).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A training checkpoint (best.pt).")
+@click.option(
+    "--model",
+    "package_path",
+    type=click.Path(path_type=Path),
+    help="A model package (end of training or mpcl-export) instead of a checkpoint: scores what is "
+    "deployed, on the backend and precision Segmenter would run.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Experiment YAML whose data section names the volumes (required with --model).",
+)
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
-@click.option("--data-root", type=str, help="Override the data root stored in the checkpoint's config.")
+@click.option("--data-root", type=str, help="Override the data root (of the checkpoint or --config).")
 @click.option("--output", type=click.Path(path_type=Path), help="JSON file for per-case and summary metrics.")
 @click.option("--save-predictions", type=click.Path(path_type=Path), help="Folder for NIfTI label maps.")
 @click.option(
@@ -122,51 +136,77 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
     "e.g. to try mpcl-segment on them.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "onnxruntime", "torch", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="With --model: the runtime backend.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+    default="auto",
+    show_default=True,
+    help="With --model and ONNX Runtime: which ONNX file (auto: the fastest the package has).",
+)
 @_friendly_errors
-def eval_main(checkpoint, split, data_root, output, save_predictions, save_images, device) -> None:
-    """Evaluate a checkpoint: per-volume, per-class Dice, Jaccard, HD95 and ASD."""
+def eval_main(
+    checkpoint,
+    package_path,
+    config_path,
+    split,
+    data_root,
+    output,
+    save_predictions,
+    save_images,
+    device,
+    backend,
+    precision,
+) -> None:
+    """Evaluate a checkpoint or a model package: per-volume, per-class Dice, Jaccard, HD95 and ASD."""
     import torch
 
     from mpcl.io import ImageGeometry, write_atomically, write_image
-    from mpcl.training.checkpoint import load_checkpoint
-    from mpcl.training.config import config_from_dict
+    from mpcl.training.config import load_config
     from mpcl.training.data.loading import load_data
     from mpcl.training.evaluate import evaluate_volumes
     from mpcl.training.metrics import format_table
-    from mpcl.training.trainer import inference_model_from_checkpoint, select_device
 
+    if (checkpoint is None) == (package_path is None):
+        raise click.UsageError("give either --checkpoint or --model")
+    if package_path is not None and config_path is None:
+        raise click.UsageError("--model needs --config, the experiment YAML whose data to evaluate on")
+    if checkpoint is not None and config_path is not None:
+        raise click.UsageError("--config goes with --model; a checkpoint carries its own config")
     _setup_logging()
-    state = load_checkpoint(checkpoint)
-    stored = state["config"]
-    if data_root is not None:
-        stored = {**stored, "data": {**stored["data"], "root": data_root}}
-    config = config_from_dict(stored, f"{checkpoint} (stored config)")
+    state = None
+    if checkpoint is not None:
+        state, config = _checkpoint_and_config(checkpoint, data_root)
+    else:
+        config = load_config(config_path, {"data.root": data_root} if data_root else None)
     data = load_data(config.data)
     volumes = data.test_volumes if split == "test" else data.val_volumes
     if not volumes:
         raise click.UsageError(f"the dataset has no {split} volumes")
-    model = inference_model_from_checkpoint(state, config, data.num_classes)
-    target = select_device(device)
-    model.to(target)
+    if state is not None:
+        scored = _checkpoint_network(state, config, data.num_classes, device)
+        scored.record.update({"checkpoint": str(checkpoint)})
+        described = f"checkpoint {checkpoint}"
+    else:
+        scored = _package_network(package_path, data, device, backend, precision)
+        described = f"model package {package_path} ({scored.record['backend']})"
     result = evaluate_volumes(
-        model,
+        scored.model,
         volumes,
         data.class_names,
-        tuple(config.data.patch_size),
-        target,
+        scored.patch_size,
+        scored.device,
         prediction_dir=save_predictions,
         progress=True,
     )
-    result.update(
-        {
-            "checkpoint": str(checkpoint),
-            "split": split,
-            "iteration": state["iteration"],
-            "method": config.method.name,
-            "torch": torch.__version__,
-        }
-    )
-    click.echo(f"{config.experiment} — {split} ({len(volumes)} volumes), checkpoint {checkpoint}")
+    result.update({**scored.record, "split": split, "torch": torch.__version__})
+    click.echo(f"{config.experiment} — {split} ({len(volumes)} volumes), {described}")
     click.echo(format_table(result["summary"], data.class_names))
     if output is not None:
         write_atomically(output, lambda temporary: temporary.write_text(json.dumps(result, indent=2)))
@@ -178,3 +218,59 @@ def eval_main(checkpoint, split, data_root, output, save_predictions, save_image
             geometry = ImageGeometry(volume.spacing, volume.origin, volume.direction)
             write_image(volume.image, geometry, save_images / f"{volume.name}.nii.gz")
         click.echo(f"images written to {save_images}/")
+
+
+@dataclass
+class _Scored:
+    """What mpcl-eval runs: a torch module (a network, or a runtime backend wrapped as one) and how."""
+
+    model: object
+    patch_size: tuple[int, int]
+    device: object
+    record: dict
+
+
+def _checkpoint_and_config(checkpoint: Path, data_root: str | None):
+    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.training.config import config_from_dict
+
+    state = load_checkpoint(checkpoint)
+    stored = state["config"]
+    if data_root is not None:
+        stored = {**stored, "data": {**stored["data"], "root": data_root}}
+    return state, config_from_dict(stored, f"{checkpoint} (stored config)")
+
+
+def _checkpoint_network(state: dict, config, num_classes: int, device: str) -> _Scored:
+    """A checkpoint's network as validation used it (e.g. BARL's branch average)."""
+    from mpcl.training.trainer import inference_model_from_checkpoint, select_device
+
+    target = select_device(device)
+    model = inference_model_from_checkpoint(state, config, num_classes).to(target)
+    record = {"iteration": state["iteration"], "method": config.method.name}
+    return _Scored(model, tuple(config.data.patch_size), target, record)
+
+
+def _package_network(path: Path, data, device: str, backend: str, precision: str) -> _Scored:
+    """A model package on the runtime backend Segmenter would pick, with the package's own patch size."""
+    import torch
+
+    from mpcl.backends import select_backend
+    from mpcl.errors import ModelPackageError
+    from mpcl.model_package import load_model_package
+    from mpcl.training.evaluate import BackendModule
+
+    package = load_model_package(path)
+    # evaluation feeds the data loader's normalised slices straight to the network, so the package must
+    # have been trained on the same classes and the same normalisation
+    if package.class_names != data.class_names:
+        raise ModelPackageError(
+            f"{path}: the package's classes {package.class_names} are not the data's {data.class_names}"
+        )
+    if package.normalization.get("scheme") != data.normalization.get("scheme"):
+        raise ModelPackageError(
+            f"{path}: the package normalises with {package.normalization}, the data with {data.normalization}"
+        )
+    runtime = select_backend(package, backend, device, precision=precision)
+    record = {"model": str(path), "backend": f"{runtime.name} on {runtime.device}: {runtime.describe()}"}
+    return _Scored(BackendModule(runtime), tuple(package.patch_size), torch.device("cpu"), record)

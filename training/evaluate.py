@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from mpcl.io import ImageGeometry, write_image
@@ -43,6 +44,18 @@ def predict_probabilities(
     model.train(was_training)
     stacked = np.concatenate(chunks, axis=0)  # (D', C, H', W') along the slicing axis
     return np.moveaxis(np.moveaxis(stacked, 1, 0), 1, axis + 1)
+
+
+class BackendModule(nn.Module):
+    """An ``mpcl.backends`` backend seen as a torch module, so training's evaluation code can score it."""
+
+    def __init__(self, backend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.backend.run(array))
 
 
 def predict_labels(model, volume: Volume, patch_size, device, batch_size: int = 16) -> np.ndarray:

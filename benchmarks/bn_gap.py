@@ -1,0 +1,159 @@
+"""How much of a checkpoint's validation Dice depends on its batch-norm statistics: a diagnostic table.
+
+A network evaluated in eval mode normalises with the running statistics gathered during training. If
+those statistics do not describe the images it segments, Dice drops although the weights are fine. Three
+rows per checkpoint, on the same volumes with training's evaluation code:
+
+* ``running``: eval mode, as validation, ``mpcl-eval`` and the model package do;
+* ``recalibrated``: running statistics recomputed (cumulative average) from clean, un-augmented training
+  slices resized to the patch — "precise BN"; it shows whether the running statistics were merely stale
+  or skewed by the augmented views in the training batches;
+* ``volume_batch``: each volume's slices normalised with their own batch statistics (AdaBN-style,
+  transductive, dropout still off). Not a legitimate result, a probe: a large gain over both rows above
+  means the weights rely on per-batch statistics that no fixed statistics reproduce.
+
+Usage (writes ``benchmarks/results/bn_gap_<name>.json``):
+
+    python benchmarks/bn_gap.py --data-root ../shared/data/acdc --name cpu_quick \\
+        runs/benchmark/cpu_quick/barl_l3_s1/latest.pt runs/benchmark/cpu_quick/supervised_l3_s1/latest.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpcl.preprocessing import resize_2d
+from mpcl.training.checkpoint import load_checkpoint
+from mpcl.training.config import config_from_dict
+from mpcl.training.data.loading import load_data
+from mpcl.training.evaluate import evaluate_volumes
+from mpcl.training.trainer import inference_model_from_checkpoint
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("running", "recalibrated", "volume_batch")
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class VolumeBatchStatistics(nn.Module):
+    """Wraps a network so that, in eval mode, its batch-norm layers use the statistics of the batch they
+    see (the slices of one volume) and leave the running statistics untouched."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model)
+        for norm in _batch_norms(self.model):
+            norm.momentum = 0.0  # train-mode forward then keeps running_mean/var as they are
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm in _batch_norms(self.model):
+            norm.train()
+        return self.model(x)
+
+
+@torch.no_grad()
+def recalibrated(
+    model: nn.Module, images: list[np.ndarray], patch: tuple[int, int], batch: int, seed: int
+) -> nn.Module:
+    """A copy of ``model`` whose running statistics are the average over batches of clean slices."""
+    model = copy.deepcopy(model).eval()
+    norms = _batch_norms(model)
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average
+        norm.train()
+    order = np.random.default_rng(seed).permutation(len(images))
+    for start in range(0, len(order) - batch + 1, batch):
+        resized = np.stack(
+            [resize_2d(images[i][None], patch, order=1)[0] for i in order[start : start + batch]]
+        )
+        model(torch.from_numpy(np.ascontiguousarray(resized[:, None], dtype=np.float32)))
+    return model.eval()
+
+
+def diagnose(
+    checkpoint: Path, data_root: str | None, volumes: int, slices: int, batch: int, seed: int
+) -> dict:
+    state = load_checkpoint(checkpoint)
+    stored = state["config"]
+    if data_root is not None:
+        stored = {**stored, "data": {**stored["data"], "root": data_root}}
+    config = config_from_dict(stored, f"{checkpoint} (stored config)")
+    data = load_data(config.data)
+    model = inference_model_from_checkpoint(state, config, data.num_classes).eval()
+    patch = tuple(config.data.patch_size)
+    pool = [s.image for s in (*data.labeled, *data.unlabeled)]
+    pool = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:slices]]
+    variants = {
+        "running": model,
+        "recalibrated": recalibrated(model, pool, patch, batch, seed),
+        "volume_batch": VolumeBatchStatistics(model).eval(),
+    }
+    chosen = [data.val_volumes[i] for i in range(min(volumes, len(data.val_volumes)))]
+    device = torch.device("cpu")
+    rows = {}
+    for mode, network in variants.items():
+        summary = evaluate_volumes(network, chosen, data.class_names, patch, device)["summary"]
+        rows[mode] = {
+            "mean_dice": summary["mean"]["dice"]["mean"],
+            "dice_per_class": {name: summary[name]["dice"]["mean"] for name in data.class_names[1:]},
+        }
+    return {
+        "checkpoint": str(checkpoint),
+        "method": config.method.name,
+        "iteration": state["iteration"],
+        "validation_volumes": len(chosen),
+        "recalibration_slices": len(pool),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("--data-root", help="override the data root stored in the checkpoints")
+    parser.add_argument("--volumes", type=int, default=20, help="first N validation volumes")
+    parser.add_argument("--slices", type=int, default=512, help="clean training slices for recalibration")
+    parser.add_argument("--batch", type=int, default=16, help="slices per recalibration batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--name", default="diagnosis", help="results file: bn_gap_<name>.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reports = []
+    print(f"{'checkpoint':60s} " + " ".join(f"{m:>13s}" for m in MODES) + "   (validation mean Dice)")
+    for checkpoint in args.checkpoints:
+        report = diagnose(checkpoint, args.data_root, args.volumes, args.slices, args.batch, args.seed)
+        reports.append(report)
+        values = " ".join(f"{report['rows'][m]['mean_dice']:13.4f}" for m in MODES)
+        print(f"{str(checkpoint)[-60:]:60s} {values}", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = RESULTS / f"bn_gap_{args.name}.json"
+    settings = {**vars(args), "checkpoints": [str(c) for c in args.checkpoints]}
+    payload = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "settings": settings,
+        "results": reports,
+    }
+    temporary = target.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    temporary.replace(target)
+    print(f"written {target}")
+
+
+if __name__ == "__main__":
+    main()
