@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpcl.preprocessing import resize_2d
+from mpcl.training.batchnorm import batch_norm_layers, recalibrate_batch_norm, sample_slices
 from mpcl.training.checkpoint import load_checkpoint
 from mpcl.training.config import config_from_dict
 from mpcl.training.data.loading import load_data
@@ -41,10 +41,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("running", "recalibrated", "volume_batch")
 
 
-def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 class VolumeBatchStatistics(nn.Module):
     """Wraps a network so that, in eval mode, its batch-norm layers use the statistics of the batch they
     see (the slices of one volume) and leave the running statistics untouched."""
@@ -52,32 +48,20 @@ class VolumeBatchStatistics(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = copy.deepcopy(model)
-        for norm in _batch_norms(self.model):
+        for norm in batch_norm_layers(self.model):
             norm.momentum = 0.0  # train-mode forward then keeps running_mean/var as they are
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for norm in _batch_norms(self.model):
+        for norm in batch_norm_layers(self.model):
             norm.train()
         return self.model(x)
 
 
-@torch.no_grad()
-def recalibrated(
-    model: nn.Module, images: list[np.ndarray], patch: tuple[int, int], batch: int, seed: int
-) -> nn.Module:
-    """A copy of ``model`` whose running statistics are the average over batches of clean slices."""
-    model = copy.deepcopy(model).eval()
-    norms = _batch_norms(model)
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average
-        norm.train()
-    order = np.random.default_rng(seed).permutation(len(images))
-    for start in range(0, len(order) - batch + 1, batch):
-        resized = np.stack(
-            [resize_2d(images[i][None], patch, order=1)[0] for i in order[start : start + batch]]
-        )
-        model(torch.from_numpy(np.ascontiguousarray(resized[:, None], dtype=np.float32)))
+def recalibrated(model: nn.Module, images: list[np.ndarray], patch: tuple[int, int], batch: int) -> nn.Module:
+    """A copy of ``model`` whose running statistics come from clean slices (the trainer's option
+    ``train.bn_recalibration_slices``)."""
+    model = copy.deepcopy(model)
+    recalibrate_batch_norm(model, images, patch, batch)
     return model.eval()
 
 
@@ -92,11 +76,10 @@ def diagnose(
     data = load_data(config.data)
     model = inference_model_from_checkpoint(state, config, data.num_classes).eval()
     patch = tuple(config.data.patch_size)
-    pool = [s.image for s in (*data.labeled, *data.unlabeled)]
-    pool = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:slices]]
+    pool = sample_slices([s.image for s in (*data.labeled, *data.unlabeled)], slices, seed)
     variants = {
         "running": model,
-        "recalibrated": recalibrated(model, pool, patch, batch, seed),
+        "recalibrated": recalibrated(model, pool, patch, batch),
         "volume_batch": VolumeBatchStatistics(model).eval(),
     }
     chosen = [data.val_volumes[i] for i in range(min(volumes, len(data.val_volumes)))]

@@ -88,6 +88,9 @@ class TrainConfig:
     val_every: int = 200
     checkpoint_every: int = 1000
     log_every: int = 10
+    # > 0: before each validation, batch-norm running statistics are recomputed from this many clean
+    # training slices (mpcl.training.batchnorm); they then also go into best.pt and the model package
+    bn_recalibration_slices: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
 
@@ -210,6 +213,7 @@ def _check_ranges(config: ExperimentConfig) -> None:
         (config.train.val_every > 0, "train.val_every must be > 0"),
         (config.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
         (config.train.log_every > 0, "train.log_every must be > 0"),
+        (config.train.bn_recalibration_slices >= 0, "train.bn_recalibration_slices must be >= 0"),
         (
             all(size >= 16 and size % 16 == 0 for size in config.data.patch_size),
             "data.patch_size must be multiples of 16 (the U-Net downsamples 4 times)",

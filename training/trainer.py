@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mpcl.errors import ConfigError
+from mpcl.training.batchnorm import recalibrate_batch_norm, sample_slices
 from mpcl.training.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from mpcl.training.config import ExperimentConfig, config_from_dict
 from mpcl.training.data.base import SegmentationData
@@ -171,8 +172,10 @@ class Trainer:
         volumes = self.data.val_volumes
         if self.config.data.val_volumes is not None:
             volumes = volumes[: self.config.data.val_volumes]
+        model = self.method.inference_model(self.models)
+        self.recalibrate_batch_norm(model, iteration)
         result = evaluate_volumes(
-            self.method.inference_model(self.models),
+            model,
             volumes,
             self.data.class_names,
             tuple(self.config.data.patch_size),
@@ -194,6 +197,18 @@ class Trainer:
             self.best_iteration,
         )
         return mean_dice
+
+    def recalibrate_batch_norm(self, model: torch.nn.Module, iteration: int) -> None:
+        """With ``train.bn_recalibration_slices`` > 0: the inference network's batch-norm statistics from
+        clean training slices (a fixed sample per iteration, so a resumed run does the same)."""
+        count = self.config.train.bn_recalibration_slices
+        if count == 0:
+            return
+        pool = [item.image for item in (*self.data.labeled, *self.data.unlabeled)]
+        images = sample_slices(pool, count, seed=self.config.seed * 100_003 + iteration)
+        train = self.config.train
+        batch_size = min(len(images), train.labeled_batch + train.unlabeled_batch)
+        recalibrate_batch_norm(model, images, tuple(self.config.data.patch_size), batch_size, self.device)
 
     # -- the loop ------------------------------------------------------------------------------
     def train_step(self, iteration: int, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
@@ -303,7 +318,6 @@ class Trainer:
             result.best_val_dice,
             result.best_iteration,
         )
-
 
     def _write_model_package(self) -> None:
         """The deployable package (model.json + weights [+ ONNX]) that ``mpcl.Segmenter`` loads."""
