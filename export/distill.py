@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -129,8 +130,10 @@ def distill(
     augment: AugmentConfig,
     teacher_dice: float,
     progress: bool = True,
+    echo: Callable[[str], None] | None = None,
 ) -> DistillResult:
-    """Train a ``config.channels`` U-Net from ``teacher``'s soft predictions; returns the best student."""
+    """Train a ``config.channels`` U-Net from ``teacher``'s soft predictions; returns the best student.
+    ``echo`` gets one line per validation, so a run without a progress bar still reports."""
     device = select_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -177,6 +180,11 @@ def distill(
                 if row["val_dice"] > best_dice:
                     best_dice, best_iteration = row["val_dice"], done
                     best_state = copy.deepcopy(student.state_dict())
+                if echo is not None:
+                    echo(
+                        f"distill iteration {done}/{config.iterations}: loss {row['loss']:.4f}, validation "
+                        f"Dice {row['val_dice']:.4f} (best {best_dice:.4f} at {best_iteration})"
+                    )
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", best_dice=f"{max(best_dice, 0):.3f}")
             bar.update(1)

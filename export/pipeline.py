@@ -251,7 +251,14 @@ def _distill(run, state, source, out_dir, config, data, reference, spec, source_
     stored = config_from_dict(copy.deepcopy(state["config"]), "the checkpoint's stored config")
     teacher = fold_batch_norm(reference)
     result = distill(
-        teacher, data, config, tuple(stored.data.patch_size), stored.augment, source_dice, options.progress
+        teacher,
+        data,
+        config,
+        tuple(stored.data.patch_size),
+        stored.augment,
+        source_dice,
+        options.progress,
+        echo=run.echo,
     )
     student_spec = {**spec, "channels": list(config.channels), "dropout": list(config.dropout)}
     sample = torch.from_numpy(batch[:8])

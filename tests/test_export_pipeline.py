@@ -212,6 +212,8 @@ def test_distillation_trains_a_compact_student_and_reports_retention(checkpoint,
     )
     assert result.exit_code == 0, result.output
     assert "distilled student [2, 4, 4, 8, 8]" in result.output and "Dice retention" in result.output
+    # without a progress bar, each validation still reports a line
+    assert "distill iteration 2/4: loss" in result.output and "distill iteration 4/4" in result.output
     package = load_model_package(out)
     assert package.network["channels"] == [2, 4, 4, 8, 8] and package.has("onnx")
     distillation = json.loads((out / MODEL_JSON).read_text())["export"]["distillation"]
