@@ -38,6 +38,12 @@ Choices the spec leaves open, and why:
   rather than a single 1x1 conv on the 1/2 map: one head design in the code base, and a nonlinear
   head keeps the alignment losses from constraining the segmentation features directly.
   ``ra_min_pixels`` counts pixels on that (stride-2) embedding grid; ``ia_min_size`` counts full-res pixels.
+* Batch-norm statistics: at 600 iterations both branches validated at 0.07 mean Dice in eval mode while
+  their weights were fine (0.57 with each volume's own batch statistics, 0.58 with running statistics
+  recomputed from clean training slices; ``benchmarks/bn_gap.py``). The running statistics match the
+  training batches, but not single clean images. The shipped config therefore sets
+  ``train.bn_recalibration_slices`` (``mpcl.training.batchnorm``); why the co-trained branches are so
+  much more sensitive than the other methods (0.07 vs 0.35-0.53 without it) is not understood yet.
 * Inference (``infer``): ``avg`` — validation and best-checkpoint choice use the mean of both branches'
   finest softmax; ``A`` — branch A alone. The model package always holds branch A (the runtime knows one
   U-Net); ``mpcl.training.trainer.inference_model_from_checkpoint`` rebuilds the average for evaluation.
