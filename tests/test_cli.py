@@ -178,4 +178,3 @@ def test_eval_rejects_a_non_checkpoint(tmp_path):
 def test_eval_takes_one_source(args, expected):
     result = CliRunner().invoke(eval_main, args)
     assert result.exit_code == 2 and expected in result.output
-

@@ -122,6 +122,7 @@ def test_segment_cli_precision_flag_picks_the_onnx_file(int8_package, tmp_path, 
         assert f"CPUExecutionProvider, {precision})" in caplog.text
         assert target.is_file()
 
+
 def test_degraded_int8_artefact_is_refused_and_left_out(checkpoint, tmp_path, monkeypatch):
     """An int8 file whose weights were wiped must fail the Dice gate; the package is fp32 only, exit 1."""
     import onnx
