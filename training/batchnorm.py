@@ -6,9 +6,9 @@ comes from a handful of patients, and strongly augmented or copy-pasted views si
 clean ones. ``benchmarks/bn_gap.py`` measured it on the benchmark checkpoints (validation mean Dice,
 running -> recalibrated, weights untouched): after 600 iterations at 128² (``cpu_quick``) supervised
 0.41 -> 0.49, Mean Teacher 0.37 -> 0.55, BCP 0.44 -> 0.53, MPCL-BCP 0.53 -> 0.58, PCCS 0.35 -> 0.55 and
-BARL 0.07 -> 0.58; after 1 500 iterations (``cpu``) BCP 0.70 -> 0.67 and MPCL-BCP 0.74 -> 0.75. So it
-rescues short runs and co-training but is noise for better-trained networks: off by default, on in the
-BARL config.
+BARL 0.07 -> 0.58; after 1 500 iterations (``cpu``) BCP 0.70 -> 0.67, MPCL-BCP 0.74 -> 0.75 and PCCS
+0.39 -> 0.64. So it rescues short runs, co-training and PCCS but is noise for the copy-paste methods:
+off by default, on in the BARL config (not yet measured inside a training run).
 
 Recalibration feeds whole training slices, resized to the patch exactly as evaluation feeds them,
 through the network with batch norm in train mode (no gradient, dropout off) and keeps the cumulative
