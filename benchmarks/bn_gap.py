@@ -32,10 +32,9 @@ from torch import nn
 
 from mpcl.training.batchnorm import batch_norm_layers, recalibrate_batch_norm, sample_slices
 from mpcl.training.checkpoint import load_checkpoint
-from mpcl.training.config import config_from_dict
 from mpcl.training.data.loading import load_data
 from mpcl.training.evaluate import evaluate_volumes
-from mpcl.training.trainer import inference_model_from_checkpoint
+from mpcl.training.trainer import inference_model_from_checkpoint, stored_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("running", "recalibrated", "volume_batch")
@@ -69,10 +68,7 @@ def diagnose(
     checkpoint: Path, data_root: str | None, volumes: int, slices: int, batch: int, seed: int
 ) -> dict:
     state = load_checkpoint(checkpoint)
-    stored = state["config"]
-    if data_root is not None:
-        stored = {**stored, "data": {**stored["data"], "root": data_root}}
-    config = config_from_dict(stored, f"{checkpoint} (stored config)")
+    config = stored_config(state, checkpoint, data_root)
     data = load_data(config.data)
     model = inference_model_from_checkpoint(state, config, data.num_classes).eval()
     patch = tuple(config.data.patch_size)

@@ -99,13 +99,10 @@ class ExportReport:
 
 def load_export_data(state: Mapping[str, Any], data_root: str | None) -> SegmentationData:
     """The data the checkpoint was trained on (its stored config), optionally at another root."""
-    from mpcl.training.config import config_from_dict
     from mpcl.training.data.loading import load_data
+    from mpcl.training.trainer import stored_config
 
-    config = config_from_dict(copy.deepcopy(state["config"]), "the checkpoint's stored config")
-    if data_root:
-        config.data.root = str(data_root)
-    return load_data(config.data)
+    return load_data(stored_config(state, "the checkpoint", data_root).data)
 
 
 class _Run:
@@ -245,10 +242,10 @@ def _config_for(config: Mapping[str, Any], network_spec: Mapping[str, Any], dist
 def _distill(run, state, source, out_dir, config, data, reference, spec, source_dice, batch):
     """Step 1b: train the compact student, keep its checkpoint, and gate it on validation Dice."""
     from mpcl.export.distill import distill, forward_seconds
-    from mpcl.training.config import config_from_dict
+    from mpcl.training.trainer import stored_config
 
     options = run.options
-    stored = config_from_dict(copy.deepcopy(state["config"]), "the checkpoint's stored config")
+    stored = stored_config(state, "the checkpoint")
     teacher = fold_batch_norm(reference)
     result = distill(
         teacher,

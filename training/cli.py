@@ -182,7 +182,11 @@ def eval_main(
     _setup_logging()
     state = None
     if checkpoint is not None:
-        state, config = _checkpoint_and_config(checkpoint, data_root)
+        from mpcl.training.checkpoint import load_checkpoint
+        from mpcl.training.trainer import stored_config
+
+        state = load_checkpoint(checkpoint)
+        config = stored_config(state, checkpoint, data_root)
     else:
         config = load_config(config_path, {"data.root": data_root} if data_root else None)
     data = load_data(config.data)
@@ -190,12 +194,9 @@ def eval_main(
     if not volumes:
         raise click.UsageError(f"the dataset has no {split} volumes")
     if state is not None:
-        scored = _checkpoint_network(state, config, data.num_classes, device)
-        scored.record.update({"checkpoint": str(checkpoint)})
-        described = f"checkpoint {checkpoint}"
+        scored = _checkpoint_network(checkpoint, state, config, data.num_classes, device)
     else:
         scored = _package_network(package_path, data, device, backend, precision)
-        described = f"model package {package_path} ({scored.record['backend']})"
     result = evaluate_volumes(
         scored.model,
         volumes,
@@ -206,7 +207,7 @@ def eval_main(
         progress=True,
     )
     result.update({**scored.record, "split": split, "torch": torch.__version__})
-    click.echo(f"{config.experiment} — {split} ({len(volumes)} volumes), {described}")
+    click.echo(f"{config.experiment} — {split} ({len(volumes)} volumes), {scored.described}")
     click.echo(format_table(result["summary"], data.class_names))
     if output is not None:
         write_atomically(output, lambda temporary: temporary.write_text(json.dumps(result, indent=2)))
@@ -227,28 +228,18 @@ class _Scored:
     model: object
     patch_size: tuple[int, int]
     device: object
-    record: dict
+    record: dict  # facts about the source, stored with the metrics
+    described: str  # the source, for the printed header
 
 
-def _checkpoint_and_config(checkpoint: Path, data_root: str | None):
-    from mpcl.training.checkpoint import load_checkpoint
-    from mpcl.training.config import config_from_dict
-
-    state = load_checkpoint(checkpoint)
-    stored = state["config"]
-    if data_root is not None:
-        stored = {**stored, "data": {**stored["data"], "root": data_root}}
-    return state, config_from_dict(stored, f"{checkpoint} (stored config)")
-
-
-def _checkpoint_network(state: dict, config, num_classes: int, device: str) -> _Scored:
+def _checkpoint_network(checkpoint: Path, state: dict, config, num_classes: int, device: str) -> _Scored:
     """A checkpoint's network as validation used it (e.g. BARL's branch average)."""
     from mpcl.training.trainer import inference_model_from_checkpoint, select_device
 
     target = select_device(device)
     model = inference_model_from_checkpoint(state, config, num_classes).to(target)
-    record = {"iteration": state["iteration"], "method": config.method.name}
-    return _Scored(model, tuple(config.data.patch_size), target, record)
+    record = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "method": config.method.name}
+    return _Scored(model, tuple(config.data.patch_size), target, record, f"checkpoint {checkpoint}")
 
 
 def _package_network(path: Path, data, device: str, backend: str, precision: str) -> _Scored:
@@ -273,4 +264,5 @@ def _package_network(path: Path, data, device: str, backend: str, precision: str
         )
     runtime = select_backend(package, backend, device, precision=precision)
     record = {"model": str(path), "backend": f"{runtime.name} on {runtime.device}: {runtime.describe()}"}
-    return _Scored(BackendModule(runtime), tuple(package.patch_size), torch.device("cpu"), record)
+    described = f"model package {path} ({record['backend']})"
+    return _Scored(BackendModule(runtime), tuple(package.patch_size), torch.device("cpu"), record, described)

@@ -349,6 +349,15 @@ def inference_model_from_checkpoint(
     return method.inference_model(Models(student, None, extra))
 
 
+def stored_config(state: dict, source: str | Path, data_root: str | Path | None = None) -> ExperimentConfig:
+    """The validated config a loaded checkpoint was trained with, its data read from ``data_root`` if
+    given; errors name ``source``."""
+    stored = copy.deepcopy(state["config"])
+    if data_root:
+        stored["data"]["root"] = str(data_root)
+    return config_from_dict(stored, f"{source} (stored config)")
+
+
 def config_of_checkpoint(path: str | Path) -> ExperimentConfig:
     """The validated config a checkpoint was trained with."""
-    return config_from_dict(load_checkpoint(path)["config"], f"{path} (stored config)")
+    return stored_config(load_checkpoint(path), path)
