@@ -126,6 +126,52 @@ def resize_2d(data: np.ndarray, out_hw: tuple[int, int], order: int = 1) -> np.n
     return work.astype(np.float32) if order == 1 else work
 
 
+def _axis_neighbours(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output sample along one axis: the two source indices and the float32 weight of the second,
+    exactly as ``_resize_axis_linear`` computes them."""
+    coords = _axis_coordinates(n_in, n_out)
+    low = np.floor(coords).astype(np.int64)
+    return low, np.minimum(low + 1, n_in - 1), (coords - low).astype(np.float32)
+
+
+def resized_argmax(probabilities: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """``resize_2d(probabilities, out_hw, order=1).argmax(axis=1)`` as uint8, without resizing every channel.
+
+    ``probabilities``: (b, C, h, w). An output pixel is a convex combination of its four source pixels;
+    where all four have the same argmax class, that class also wins the combination (each term of the
+    sum is at least the other classes', and float32 rounding is monotone), so only pixels whose sources
+    disagree, the class boundaries, are interpolated, with the reference's operations in its order.
+    Results equal the full resize's argmax except where two classes tie to within float32 rounding.
+    """
+    if probabilities.ndim != 4:
+        raise InputError(
+            f"resized_argmax needs (batch, classes, h, w) probabilities, got {probabilities.shape}"
+        )
+    data = np.asarray(probabilities, dtype=np.float32)
+    (batch, classes, h, w), (out_h, out_w) = data.shape, (int(out_hw[0]), int(out_hw[1]))
+    y0, y1, fy = _axis_neighbours(h, out_h)
+    x0, x1, fx = _axis_neighbours(w, out_w)
+    coarse = data.argmax(axis=1).astype(np.uint8)  # (b, h, w)
+    # mixed[i, j]: the source cell with corners (i, j) and (i + 1, j + 1), edge-clamped, has two classes
+    padded = np.pad(coarse, ((0, 0), (0, 1), (0, 1)), mode="edge")
+    corner = padded[:, :-1, :-1]
+    mixed = (corner != padded[:, 1:, :-1]) | (corner != padded[:, :-1, 1:]) | (corner != padded[:, 1:, 1:])
+    code = coarse | (mixed.astype(np.uint8) << 7)  # class in the low bits (C < 128), cell flag in the top
+    cell = (y0[:, None] * w + x0[None, :]).ravel()  # each output pixel's source cell, flat
+    gathered = np.take(code.reshape(batch, h * w), cell, axis=1).reshape(batch, out_h, out_w)
+    labels = gathered & np.uint8(127)
+    b, y, x = np.nonzero(gathered >= 128)
+    if b.size:
+        pixels = data.transpose(0, 2, 3, 1).reshape(batch * h * w, classes)  # one row per source pixel
+        base = b * (h * w)
+        wy, wx = fy[y][:, None], fx[x][:, None]
+        top, bottom = base + y0[y] * w, base + y1[y] * w
+        left = pixels[top + x0[x]] * (1 - wy) + pixels[bottom + x0[x]] * wy  # (n, C), along y first
+        right = pixels[top + x1[x]] * (1 - wy) + pixels[bottom + x1[x]] * wy
+        labels[b, y, x] = (left * (1 - wx) + right * wx).argmax(axis=1)
+    return labels
+
+
 def through_plane_axis(spacing_xyz: tuple[float, float, float]) -> int:
     """Array axis (in (z, y, x) order) along which 2D slices are taken: the coarsest-spaced one.
 

@@ -9,7 +9,9 @@
 The pipeline is the training evaluation's (``mpcl.training.evaluate.predict_probabilities``) in numpy:
 normalise the whole volume as in training, take 2D slices along the through-plane (coarsest-spaced) axis,
 resize each to the patch (corner-aligned bilinear), run the backend on batches of slices, softmax, resize
-the probabilities back to the slice's own size, argmax. Only a batch of slices is ever held at patch or
+the probabilities back to the slice's own size, argmax. When only labels are asked for, the last two
+steps are ``resized_argmax``, which interpolates just the pixels on class boundaries (same labels; its
+time is reported as ``resize_back``). Only a batch of slices is ever held at patch or
 probability resolution, so memory grows with the volume (input + normalised copy + uint8 labels), not
 with the number of classes, unless full probabilities are asked for.
 
@@ -39,7 +41,7 @@ from mpcl.kernels import FUSED_KERNEL_MODES
 from mpcl.kernels.reference import HeadOutputs, NormalizationAffine, average_flips, normalization_affine
 from mpcl.model_package import ClassLabel, ModelPackage, load_model_package
 from mpcl.postprocessing import apply_postprocessing, normalized_entropy, softmax
-from mpcl.preprocessing import normalize_intensity, resize_2d, through_plane_axis
+from mpcl.preprocessing import normalize_intensity, resize_2d, resized_argmax, through_plane_axis
 
 log = logging.getLogger("mpcl.segment")
 
@@ -404,6 +406,10 @@ class Segmenter:
         timings["resize_to_patch"] += time.perf_counter() - clock
         chunk = self._probabilities(batch, tta, timings)
         clock = time.perf_counter()
+        if not (want_probabilities or want_uncertainty):  # labels only: resize just the class boundaries
+            labels = resized_argmax(chunk, out_hw)
+            timings["resize_back"] += time.perf_counter() - clock
+            return HeadOutputs(labels, None, None)
         chunk = resize_2d(chunk, out_hw, order=1)  # (b, C, H, W) on the slice's own grid
         timings["resize_back"] += time.perf_counter() - clock
         clock = time.perf_counter()

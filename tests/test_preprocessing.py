@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from mpcl.errors import InputError
-from mpcl.preprocessing import normalize_intensity, resize_2d, through_plane_axis
+from mpcl.preprocessing import normalize_intensity, resize_2d, resized_argmax, through_plane_axis
 
 # (leading axes, input HxW, output HxW): square, non-square, up- and down-sampling, 1-pixel axes.
 RESIZE_CASES = [
@@ -94,6 +94,47 @@ def test_resize_rejects_bad_input():
         resize_2d(np.zeros(5, dtype=np.float32), (3, 3))
     with pytest.raises(InputError, match="order"):
         resize_2d(np.zeros((4, 4), dtype=np.float32), (3, 3), order=3)
+
+
+def _smooth_probabilities(
+    rng: np.random.Generator, shape: tuple[int, int, int, int], noise: float
+) -> np.ndarray:
+    """Softmax of a coarse random field upsampled to ``shape`` plus pixel noise: regions and boundaries."""
+    batch, classes, h, w = shape
+    coarse = rng.normal(size=(batch, classes, max(h // 6, 1), max(w // 6, 1))).astype(np.float32) * 4
+    logits = resize_2d(coarse, (h, w)) + rng.normal(size=shape).astype(np.float32) * noise
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("leading", "in_hw", "out_hw"), RESIZE_CASES)
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_resized_argmax_equals_argmax_of_the_full_resize(leading, in_hw, out_hw, noise):
+    rng = np.random.default_rng(sum(in_hw) + 7 * sum(out_hw))
+    probabilities = _smooth_probabilities(rng, (3, 4, *in_hw), noise)
+    expected = resize_2d(probabilities, out_hw, order=1).argmax(axis=1)
+    result = resized_argmax(probabilities, out_hw)
+    assert result.dtype == np.uint8 and result.shape == (3, *out_hw)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_resized_argmax_interpolates_boundaries_rather_than_copying_neighbours():
+    # one row, two classes: class 1 wins the left source pixel narrowly, class 0 the right one clearly;
+    # between them class 0 takes over at 1/9 of the way (0.1 = 0.9 t), long before nearest-neighbour's
+    # midpoint: of the samples at t = 0, 0.1, ..., 1 only the first two stay class 1
+    probabilities = np.array([[[[0.45, 0.9]], [[0.55, 0.1]]]], dtype=np.float32)  # (1, 2, 1, 2)
+    labels = resized_argmax(probabilities, (1, 11))[0, 0]
+    np.testing.assert_array_equal(labels, [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_resized_argmax_resolves_exact_ties_to_the_lowest_class_like_argmax():
+    uniform = np.full((2, 4, 5, 6), 0.25, dtype=np.float32)
+    np.testing.assert_array_equal(resized_argmax(uniform, (9, 4)), np.zeros((2, 9, 4), np.uint8))
+
+
+def test_resized_argmax_rejects_other_ranks():
+    with pytest.raises(InputError, match="batch, classes"):
+        resized_argmax(np.zeros((4, 5, 5), dtype=np.float32), (3, 3))
 
 
 def test_normalize_minmax_maps_to_unit_range():

@@ -101,6 +101,9 @@ def test_probabilities_match_training_evaluation(
     np.testing.assert_allclose(result.probabilities, expected, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(result.label_map, expected.argmax(0))
     assert result.label_map.dtype == np.uint8
+    labels_only = runtime((volume, spacing))  # the resized_argmax path: no full-resolution probabilities
+    assert labels_only.probabilities is None
+    np.testing.assert_array_equal(labels_only.label_map, expected.argmax(0))
 
 
 # -- geometry and input forms ----------------------------------------------------------------------------

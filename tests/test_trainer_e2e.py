@@ -10,7 +10,7 @@ import torch
 from mpcl.errors import ConfigError, InputError
 from mpcl.training.checkpoint import load_checkpoint
 from mpcl.training.data.loading import load_data
-from mpcl.training.evaluate import evaluate_volumes, predict_probabilities
+from mpcl.training.evaluate import evaluate_volumes, predict_labels, predict_probabilities
 from mpcl.training.trainer import Trainer, build_network
 
 
@@ -102,6 +102,9 @@ def test_predict_probabilities_slices_along_the_thick_axis():
     probabilities = predict_probabilities(model, volume, (32, 32), torch.device("cpu"))
     assert probabilities.shape == (4, 20, 24, 5)
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
+    labels = predict_labels(model, volume, (32, 32), torch.device("cpu"))
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, probabilities.argmax(0))
 
 
 def build_network_for_test():

@@ -2,12 +2,13 @@
 
 Each slice (taken along the through-plane axis) is resized to the patch, segmented, and its class
 probabilities are resized back to the slice's own size before the argmax, using the numpy resize in
-``mpcl.preprocessing`` that every inference backend shares.
+``mpcl.preprocessing`` that every inference backend shares (for labels alone, its ``resized_argmax``,
+which gives the same labels while interpolating only class-boundary pixels).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,31 @@ from torch import nn
 from tqdm import tqdm
 
 from mpcl.io import ImageGeometry, write_image
-from mpcl.preprocessing import resize_2d, through_plane_axis
+from mpcl.preprocessing import resize_2d, resized_argmax, through_plane_axis
 from mpcl.training.data.base import Volume
 from mpcl.training.metrics import multiclass_metrics, summarize
 
 
 @torch.no_grad()
+def _patch_probabilities(
+    model: torch.nn.Module,
+    slices: np.ndarray,
+    patch_size: tuple[int, int],
+    device: torch.device,
+    batch_size: int,
+) -> Iterator[np.ndarray]:
+    """Softmax probabilities (b, C, h, w) at patch size, batch by batch, for (D, H, W) slices."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, slices.shape[0], batch_size):
+            batch = resize_2d(slices[start : start + batch_size], patch_size, order=1)[:, None]
+            logits = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+            yield torch.softmax(logits.float(), dim=1).cpu().numpy()
+    finally:
+        model.train(was_training)
+
+
 def predict_probabilities(
     model: torch.nn.Module,
     volume: Volume,
@@ -30,20 +50,25 @@ def predict_probabilities(
     batch_size: int = 16,
 ) -> np.ndarray:
     """Class probabilities (C, D, H, W) for a (D, H, W) volume, in the volume's own grid."""
-    was_training = model.training
-    model.eval()
     axis = through_plane_axis(volume.spacing)
     slices = np.moveaxis(volume.image, axis, 0)
-    out_hw = slices.shape[1:]
-    chunks = []
-    for start in range(0, slices.shape[0], batch_size):
-        batch = resize_2d(slices[start : start + batch_size], patch_size, order=1)[:, None]
-        logits = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
-        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        chunks.append(resize_2d(probabilities, out_hw, order=1))
-    model.train(was_training)
+    chunks = [
+        resize_2d(chunk, slices.shape[1:], order=1)
+        for chunk in _patch_probabilities(model, slices, patch_size, device, batch_size)
+    ]
     stacked = np.concatenate(chunks, axis=0)  # (D', C, H', W') along the slicing axis
     return np.moveaxis(np.moveaxis(stacked, 1, 0), 1, axis + 1)
+
+
+def predict_labels(model, volume: Volume, patch_size, device, batch_size: int = 16) -> np.ndarray:
+    """uint8 labels (D, H, W): the argmax of :func:`predict_probabilities`, computed by ``resized_argmax``."""
+    axis = through_plane_axis(volume.spacing)
+    slices = np.moveaxis(volume.image, axis, 0)
+    chunks = [
+        resized_argmax(chunk, slices.shape[1:])
+        for chunk in _patch_probabilities(model, slices, patch_size, device, batch_size)
+    ]
+    return np.moveaxis(np.concatenate(chunks, axis=0), 0, axis)
 
 
 class BackendModule(nn.Module):
@@ -56,10 +81,6 @@ class BackendModule(nn.Module):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.backend.run(array))
-
-
-def predict_labels(model, volume: Volume, patch_size, device, batch_size: int = 16) -> np.ndarray:
-    return predict_probabilities(model, volume, patch_size, device, batch_size).argmax(0).astype(np.uint8)
 
 
 def evaluate_volumes(
