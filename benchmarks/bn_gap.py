@@ -12,6 +12,15 @@ rows per checkpoint, on the same volumes with training's evaluation code:
   transductive, dropout still off). Not a legitimate result, a probe: a large gain over both rows above
   means the weights rely on per-batch statistics that no fixed statistics reproduce.
 
+Two more probes say *why* running and recalibrated statistics differ, changing one thing each:
+
+* ``recalibrated_dropout``: recalibrated on the same clean slices but with dropout active, as in
+  training. If this falls back to ``running``, the gap is dropout's variance shift (batch norm after a
+  dropout layer learns the variance of dropped-out activations, which eval mode never produces);
+* ``recalibrated_weak``: recalibrated with dropout off on the trainer's weak views of those slices
+  (rotation, flips, scaling, with its zero-filled corners). If this falls back, the gap comes from the
+  augmented inputs.
+
 Usage (writes ``benchmarks/results/bn_gap_<name>.json``):
 
     python benchmarks/bn_gap.py --data-root ../shared/data/acdc --name cpu_quick \\
@@ -32,12 +41,14 @@ from torch import nn
 
 from mpcl.training.batchnorm import batch_norm_layers, recalibrate_batch_norm, sample_slices
 from mpcl.training.checkpoint import load_checkpoint
+from mpcl.training.config import AugmentConfig
+from mpcl.training.data.augment import weak_view
 from mpcl.training.data.loading import load_data
 from mpcl.training.evaluate import evaluate_volumes
 from mpcl.training.trainer import inference_model_from_checkpoint, stored_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("running", "recalibrated", "volume_batch")
+MODES = ("running", "recalibrated", "volume_batch", "recalibrated_dropout", "recalibrated_weak")
 
 
 class VolumeBatchStatistics(nn.Module):
@@ -56,12 +67,20 @@ class VolumeBatchStatistics(nn.Module):
         return self.model(x)
 
 
-def recalibrated(model: nn.Module, images: list[np.ndarray], patch: tuple[int, int], batch: int) -> nn.Module:
-    """A copy of ``model`` whose running statistics come from clean slices (the trainer's option
-    ``train.bn_recalibration_slices``)."""
+def recalibrated(
+    model: nn.Module, images: list[np.ndarray], patch: tuple[int, int], batch: int, dropout: bool = False
+) -> nn.Module:
+    """A copy of ``model`` whose running statistics come from ``images`` (clean slices: the trainer's
+    option ``train.bn_recalibration_slices``)."""
     model = copy.deepcopy(model)
-    recalibrate_batch_norm(model, images, patch, batch)
+    recalibrate_batch_norm(model, images, patch, batch, dropout=dropout)
     return model.eval()
+
+
+def weak_views(images: list[np.ndarray], patch: tuple[int, int], augment: AugmentConfig, seed: int) -> list:
+    """The trainer's weak (geometric) view of each slice, on the patch grid."""
+    rng = np.random.default_rng(seed)
+    return [weak_view(rng, image, None, patch, augment)[0] for image in images]
 
 
 def diagnose(
@@ -77,6 +96,8 @@ def diagnose(
         "running": model,
         "recalibrated": recalibrated(model, pool, patch, batch),
         "volume_batch": VolumeBatchStatistics(model).eval(),
+        "recalibrated_dropout": recalibrated(model, pool, patch, batch, dropout=True),
+        "recalibrated_weak": recalibrated(model, weak_views(pool, patch, config.augment, seed), patch, batch),
     }
     chosen = [data.val_volumes[i] for i in range(min(volumes, len(data.val_volumes)))]
     device = torch.device("cpu")
@@ -113,11 +134,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     reports = []
-    print(f"{'checkpoint':60s} " + " ".join(f"{m:>13s}" for m in MODES) + "   (validation mean Dice)")
+    print(f"{'checkpoint':60s} " + " ".join(f"{m:>20s}" for m in MODES) + "   (validation mean Dice)")
     for checkpoint in args.checkpoints:
         report = diagnose(checkpoint, args.data_root, args.volumes, args.slices, args.batch, args.seed)
         reports.append(report)
-        values = " ".join(f"{report['rows'][m]['mean_dice']:13.4f}" for m in MODES)
+        values = " ".join(f"{report['rows'][m]['mean_dice']:20.4f}" for m in MODES)
         print(f"{str(checkpoint)[-60:]:60s} {values}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / f"bn_gap_{args.name}.json"

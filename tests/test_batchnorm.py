@@ -83,6 +83,20 @@ def test_weights_modes_and_momentum_are_left_alone_and_dropout_is_off():
             assert torch.equal(value, weights[key]), key
 
 
+def test_dropout_probe_learns_the_inflated_variance_dropout_causes():
+    # dropout (p = 0.5, scaled by 2 in training) feeds the second batch-norm layer of each block, so
+    # statistics gathered with dropout active see a larger variance than eval mode ever produces
+    images = _slices(8)
+    clean, dropped = _net().eval(), _net().eval()
+    recalibrate_batch_norm(clean, images, (16, 16), batch_size=4)
+    recalibrate_batch_norm(dropped, images, (16, 16), batch_size=4, dropout=True)
+    first_clean, first_dropped = batch_norm_layers(clean)[0], batch_norm_layers(dropped)[0]
+    assert torch.equal(first_clean.running_var, first_dropped.running_var)  # before any dropout layer
+    second_clean, second_dropped = batch_norm_layers(clean)[1], batch_norm_layers(dropped)[1]
+    assert float(second_dropped.running_var.mean()) > 1.3 * float(second_clean.running_var.mean())
+    assert not dropped.training and not any(m.training for m in dropped.modules())
+
+
 def test_too_few_slices_for_a_batch_change_nothing():
     model = _net()
     before = batch_norm_layers(model)[0].running_mean.clone()

@@ -37,18 +37,20 @@ def recalibrate_batch_norm(
     patch_size: tuple[int, int],
     batch_size: int,
     device: torch.device | str = "cpu",
+    dropout: bool = False,
 ) -> int:
     """Replace the running mean/variance of every batch-norm layer of ``model`` (in place) by their
     average over batches of ``images`` ((H, W) slices, already intensity-normalised); returns the number
     of batches used. A trailing partial batch is dropped so every estimate comes from a full batch.
-    Leaves the model in the train/eval mode it was in."""
+    Leaves the model in the train/eval mode it was in. ``dropout=True`` keeps dropout active, as in
+    training: a probe for ``benchmarks/bn_gap.py``, not for use (inference runs without dropout)."""
     layers = batch_norm_layers(model)
     batches = len(images) // batch_size
     if not layers or batches == 0:
         return 0
     was_training = model.training
     momenta = [layer.momentum for layer in layers]
-    model.eval()  # dropout off
+    model.train(dropout)  # dropout off unless probing; batch norm is switched to train mode below
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # cumulative moving average over the batches below
