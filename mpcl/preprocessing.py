@@ -149,18 +149,20 @@ def resized_argmax(probabilities: np.ndarray, out_hw: tuple[int, int]) -> np.nda
         )
     data = np.asarray(probabilities, dtype=np.float32)
     (batch, classes, h, w), (out_h, out_w) = data.shape, (int(out_hw[0]), int(out_hw[1]))
+    if classes > 256:
+        raise InputError(f"resized_argmax returns uint8 labels, so at most 256 classes, got {classes}")
     y0, y1, fy = _axis_neighbours(h, out_h)
     x0, x1, fx = _axis_neighbours(w, out_w)
-    coarse = data.argmax(axis=1).astype(np.uint8)  # (b, h, w)
+    coarse = data.argmax(axis=1).astype(np.uint16)  # (b, h, w)
     # mixed[i, j]: the source cell with corners (i, j) and (i + 1, j + 1), edge-clamped, has two classes
     padded = np.pad(coarse, ((0, 0), (0, 1), (0, 1)), mode="edge")
     corner = padded[:, :-1, :-1]
     mixed = (corner != padded[:, 1:, :-1]) | (corner != padded[:, :-1, 1:]) | (corner != padded[:, 1:, 1:])
-    code = coarse | (mixed.astype(np.uint8) << 7)  # class in the low bits (C < 128), cell flag in the top
+    code = coarse | (mixed.astype(np.uint16) << 15)  # class in the low byte, the cell's flag in the top bit
     cell = (y0[:, None] * w + x0[None, :]).ravel()  # each output pixel's source cell, flat
     gathered = np.take(code.reshape(batch, h * w), cell, axis=1).reshape(batch, out_h, out_w)
-    labels = gathered & np.uint8(127)
-    b, y, x = np.nonzero(gathered >= 128)
+    labels = (gathered & np.uint16(0xFF)).astype(np.uint8)
+    b, y, x = np.nonzero(gathered >= 1 << 15)
     if b.size:
         pixels = data.transpose(0, 2, 3, 1).reshape(batch * h * w, classes)  # one row per source pixel
         base = b * (h * w)

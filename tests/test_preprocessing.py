@@ -132,9 +132,18 @@ def test_resized_argmax_resolves_exact_ties_to_the_lowest_class_like_argmax():
     np.testing.assert_array_equal(resized_argmax(uniform, (9, 4)), np.zeros((2, 9, 4), np.uint8))
 
 
-def test_resized_argmax_rejects_other_ranks():
+def test_resized_argmax_rejects_other_ranks_and_more_classes_than_uint8_holds():
     with pytest.raises(InputError, match="batch, classes"):
         resized_argmax(np.zeros((4, 5, 5), dtype=np.float32), (3, 3))
+    with pytest.raises(InputError, match="256 classes"):
+        resized_argmax(np.zeros((1, 257, 2, 2), dtype=np.float32), (3, 3))
+
+
+def test_resized_argmax_with_more_than_128_classes():
+    probabilities = _smooth_probabilities(np.random.default_rng(5), (2, 200, 12, 10), 0.5)
+    expected = resize_2d(probabilities, (17, 23), order=1).argmax(axis=1)
+    assert expected.max() >= 128  # the class values use the whole byte
+    np.testing.assert_array_equal(resized_argmax(probabilities, (17, 23)), expected)
 
 
 def test_normalize_minmax_maps_to_unit_range():
