@@ -10,6 +10,12 @@ BARL 0.07 -> 0.58; after 1 500 iterations (``cpu``) BCP 0.70 -> 0.67, MPCL-BCP 0
 0.39 -> 0.64. So it rescues short runs, co-training and PCCS but is noise for the copy-paste methods:
 off by default, on in the BARL config (not yet measured inside a training run).
 
+Why: the gap is dropout's variance shift, not the augmented inputs. Recomputing the statistics on the
+same clean slices with dropout active (as in training) brings PCCS back to 0.45 and BARL to 0.17, while
+recomputing them on the trainer's weak views with dropout off gives 0.64 and 0.58, the same as clean
+slices (``bn_gap.py``'s probes). The SSL4MIS U-Net's encoder blocks put dropout before their second
+batch norm, and that layer's running variance describes dropped-out activations.
+
 Recalibration feeds whole training slices, resized to the patch exactly as evaluation feeds them,
 through the network with batch norm in train mode (no gradient, dropout off) and keeps the cumulative
 average of the batch statistics.

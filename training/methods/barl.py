@@ -42,8 +42,11 @@ Choices the spec leaves open, and why:
   their weights were fine (0.57 with each volume's own batch statistics, 0.58 with running statistics
   recomputed from clean training slices; ``benchmarks/bn_gap.py``). The running statistics match the
   training batches, but not single clean images. The shipped config therefore sets
-  ``train.bn_recalibration_slices`` (``mpcl.training.batchnorm``); why the co-trained branches are so
-  much more sensitive than the other methods (0.07 vs 0.35-0.53 without it) is not understood yet.
+  ``train.bn_recalibration_slices`` (``mpcl.training.batchnorm``). The cause is dropout, not the
+  augmented views: recalibrating on the same clean slices with dropout active gives 0.17, on weak views
+  with dropout off 0.58 (``bn_gap.py``'s probes). Batch norm after the encoder's dropout learns the
+  variance of dropped-out activations, which eval mode never produces (variance shift). Why it hurts the
+  co-trained branches more than other methods (0.07 vs 0.35-0.53 without recalibration) is still open.
 * Inference (``infer``): ``avg`` — validation and best-checkpoint choice use the mean of both branches'
   finest softmax; ``A`` — branch A alone. The model package always holds branch A (the runtime knows one
   U-Net); ``mpcl.training.trainer.inference_model_from_checkpoint`` rebuilds the average for evaluation.
