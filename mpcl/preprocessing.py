@@ -91,11 +91,15 @@ def _axis_coordinates(n_in: int, n_out: int) -> np.ndarray:
     return np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
 
 
-def _resize_axis_linear(data: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    coords = _axis_coordinates(data.shape[axis], n_out)
+def _axis_neighbours(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output sample along one axis: the two source indices and the float32 weight of the second."""
+    coords = _axis_coordinates(n_in, n_out)
     low = np.floor(coords).astype(np.int64)
-    high = np.minimum(low + 1, data.shape[axis] - 1)
-    frac = (coords - low).astype(np.float32)
+    return low, np.minimum(low + 1, n_in - 1), (coords - low).astype(np.float32)
+
+
+def _resize_axis_linear(data: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    low, high, frac = _axis_neighbours(data.shape[axis], n_out)
     shape = [1] * data.ndim
     shape[axis] = n_out
     frac = frac.reshape(shape)
@@ -124,14 +128,6 @@ def resize_2d(data: np.ndarray, out_hw: tuple[int, int], order: int = 1) -> np.n
     work = resize_axis(work, data.ndim - 2, out_h)
     work = resize_axis(work, data.ndim - 1, out_w)
     return work.astype(np.float32) if order == 1 else work
-
-
-def _axis_neighbours(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per output sample along one axis: the two source indices and the float32 weight of the second,
-    exactly as ``_resize_axis_linear`` computes them."""
-    coords = _axis_coordinates(n_in, n_out)
-    low = np.floor(coords).astype(np.int64)
-    return low, np.minimum(low + 1, n_in - 1), (coords - low).astype(np.float32)
 
 
 def resized_argmax(probabilities: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
