@@ -21,6 +21,11 @@ Two more probes say *why* running and recalibrated statistics differ, changing o
   (rotation, flips, scaling, with its zero-filled corners). If this falls back, the gap comes from the
   augmented inputs.
 
+Per batch-norm layer, the report also gives the median over channels of each statistics' running
+variance divided by the recalibrated one (``variance_ratio``): where the running statistics are off and
+by how much, e.g. whether only the layers behind a dropout are. ``--modes`` picks the Dice rows (the
+ratios are always computed; ``--modes running`` makes a cheap layer-only run).
+
 Usage (writes ``benchmarks/results/bn_gap_<name>.json``):
 
     python benchmarks/bn_gap.py --data-root ../shared/data/acdc --name cpu_quick \\
@@ -83,8 +88,25 @@ def weak_views(images: list[np.ndarray], patch: tuple[int, int], augment: Augmen
     return [weak_view(rng, image, None, patch, augment)[0] for image in images]
 
 
+def variance_ratios(model: nn.Module, reference: nn.Module) -> dict[str, float]:
+    """Per batch-norm layer name: median over channels of ``model``'s running variance over
+    ``reference``'s (> 1: ``model`` divides by a wider spread, so its eval-mode activations shrink)."""
+    reference_layers = dict(reference.named_modules())
+    return {
+        name: float(torch.median(layer.running_var / reference_layers[name].running_var.clamp_min(1e-12)))
+        for name, layer in model.named_modules()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+    }
+
+
 def diagnose(
-    checkpoint: Path, data_root: str | None, volumes: int, slices: int, batch: int, seed: int
+    checkpoint: Path,
+    data_root: str | None,
+    volumes: int,
+    slices: int,
+    batch: int,
+    seed: int,
+    modes: tuple[str, ...] = MODES,
 ) -> dict:
     state = load_checkpoint(checkpoint)
     config = stored_config(state, checkpoint, data_root)
@@ -103,6 +125,8 @@ def diagnose(
     device = torch.device("cpu")
     rows = {}
     for mode, network in variants.items():
+        if mode not in modes:
+            continue
         summary = evaluate_volumes(network, chosen, data.class_names, patch, device)["summary"]
         rows[mode] = {
             "mean_dice": summary["mean"]["dice"]["mean"],
@@ -115,7 +139,19 @@ def diagnose(
         "validation_volumes": len(chosen),
         "recalibration_slices": len(pool),
         "rows": rows,
+        "variance_ratio": {
+            f"{mode}/recalibrated": variance_ratios(variants[mode], variants["recalibrated"])
+            for mode in ("running", "recalibrated_dropout", "recalibrated_weak")
+        },
     }
+
+
+def print_variance_ratios(ratios: dict[str, dict[str, float]]) -> None:
+    """One line per batch-norm layer: its running-variance ratio under each statistics."""
+    columns = list(ratios)
+    print(f"    {'batch-norm layer':40s} " + " ".join(f"{c:>34s}" for c in columns))
+    for layer in ratios[columns[0]]:
+        print(f"    {layer:40s} " + " ".join(f"{ratios[c][layer]:34.3f}" for c in columns))
 
 
 def main() -> None:
@@ -129,17 +165,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="slices per recalibration batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="Dice rows to compute")
     parser.add_argument("--name", default="diagnosis", help="results file: bn_gap_<name>.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     reports = []
-    print(f"{'checkpoint':60s} " + " ".join(f"{m:>20s}" for m in MODES) + "   (validation mean Dice)")
+    modes = tuple(args.modes)
+    print(f"{'checkpoint':60s} " + " ".join(f"{m:>20s}" for m in modes) + "   (validation mean Dice)")
     for checkpoint in args.checkpoints:
-        report = diagnose(checkpoint, args.data_root, args.volumes, args.slices, args.batch, args.seed)
+        report = diagnose(checkpoint, args.data_root, args.volumes, args.slices, args.batch, args.seed, modes)
         reports.append(report)
-        values = " ".join(f"{report['rows'][m]['mean_dice']:20.4f}" for m in MODES)
+        values = " ".join(f"{report['rows'][m]['mean_dice']:20.4f}" for m in modes)
         print(f"{str(checkpoint)[-60:]:60s} {values}", flush=True)
+        print_variance_ratios(report["variance_ratio"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / f"bn_gap_{args.name}.json"
     settings = {**vars(args), "checkpoints": [str(c) for c in args.checkpoints]}
