@@ -165,7 +165,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="slices per recalibration batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="Dice rows to compute")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="Dice rows to compute (after the checkpoints)",
+    )
     parser.add_argument("--name", default="diagnosis", help="results file: bn_gap_<name>.json")
     args = parser.parse_args()
     if args.threads:
