@@ -8,7 +8,7 @@ running -> recalibrated, weights untouched): after 600 iterations at 128² (``cp
 0.41 -> 0.49, Mean Teacher 0.37 -> 0.55, BCP 0.44 -> 0.53, MPCL-BCP 0.53 -> 0.58, PCCS 0.35 -> 0.55 and
 BARL 0.07 -> 0.58; after 1 500 iterations (``cpu``) BCP 0.70 -> 0.67, MPCL-BCP 0.74 -> 0.75 and PCCS
 0.39 -> 0.64. So it rescues short runs, co-training and PCCS but is noise for the copy-paste methods:
-off by default, on in the BARL config (its `cpu` run used it: 57.0 test Dice).
+off by default, on in the BARL config (its ``cpu`` run used it: 57.0 test Dice).
 
 Why: the gap is dropout's variance shift, not the augmented inputs. Recomputing the statistics on the
 same clean slices with dropout active (as in training) brings PCCS back to 0.45 and BARL to 0.17, while
