@@ -1,0 +1,257 @@
+"""Where ONNX Runtime's CPU time goes, against this machine's measured compute floor (issue 5).
+
+For one package's fp32 graph on a batch of slices (default: a randomly initialised SSL4MIS U-Net at
+256x256, 10 slices, the issue's reference case) it measures, in one run:
+
+- the machine's fp32 peak: ``fma_peak.c`` (independent AVX2 FMA chains, one thread per core), built
+  with the C compiler if there is one, and numpy's sgemm on 2048x2048 (the best a tuned GEMM reaches);
+- the network's useful FLOPs (Conv and ConvTranspose, from the graph's shapes), so the "floor" is
+  FLOPs / peak for both peaks;
+- the session's latency (median and min over repeats; the session settings are the runtime's own,
+  ``onnxruntime_backend.session_options``), and ONNX Runtime's own profile summed per operator type,
+  with the convolutions' achieved GFLOP/s.
+
+    python benchmarks/ort_profile.py                       # random 256x256 U-Net, 10 slices
+    python benchmarks/ort_profile.py --package runs/x/model --batch 10 --output ...
+
+Run it on an otherwise idle machine; it prints a table and writes JSON (default
+benchmarks/results/ort_profile_cpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def fma_peak_gflops(threads: int, scratch: Path) -> tuple[float | None, str]:
+    """Summed FMA throughput of ``threads`` threads, or None and why it could not be measured."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler to build benchmarks/fma_peak.c"
+    binary, source = scratch / "fma_peak", REPO / "benchmarks" / "fma_peak.c"
+    flags = ["-O2", "-mavx2", "-mfma", "-pthread"]
+    build = subprocess.run([compiler, *flags, str(source), "-o", str(binary)], capture_output=True, text=True)
+    if build.returncode != 0:
+        return None, f"fma_peak.c did not build (no AVX2/FMA?): {build.stderr.strip()[:200]}"
+
+    def one_run() -> float:  # prints "<threads> <GFLOP/s>"
+        done = subprocess.run([str(binary), str(threads)], capture_output=True, text=True, check=True)
+        return float(done.stdout.split()[1])
+
+    rates = [one_run() for _ in range(3)]
+    return max(rates), f"fma_peak.c, {threads} threads, best of 3"
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """numpy's (BLAS) single-precision GEMM rate: what a tuned dense kernel reaches here."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((size, size), dtype=np.float32) for _ in range(2))
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _seconds(call) -> float:
+    clock = time.perf_counter()
+    call()
+    return time.perf_counter() - clock
+
+
+def conv_flops(onnx_path: Path, batch: int, height: int, width: int) -> dict[str, float]:
+    """Multiply-add FLOPs (2 per MAC) of every Conv / ConvTranspose at this input size, per op type."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims, (batch, dims[1].dim_value, height, width), strict=True):
+        dim.ClearField("dim_param")
+        dim.dim_value = value
+    model = onnx.shape_inference.infer_shapes(model)
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    }
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    flops: dict[str, float] = collections.Counter()
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        weight = weights[node.input[1]]
+        kernel = int(np.prod(weight[2:]))
+        if node.op_type == "Conv":  # weight (out, in/groups, kh, kw); one MAC per output x in/groups x k
+            flops["Conv"] += 2 * np.prod(shapes[node.output[0]]) * weight[1] * kernel
+        else:  # weight (in, out/groups, kh, kw); every input pixel scatters into out/groups x k outputs
+            flops["ConvTranspose"] += 2 * np.prod(shapes[node.input[0]]) * weight[1] * kernel
+    return dict(flops)
+
+
+def profile_session(onnx_path: Path, batch: np.ndarray, threads: int, repeats: int, scratch: Path) -> dict:
+    """Latency of the runtime's session, then ONNX Runtime's per-node profile summed per op type."""
+    import onnxruntime
+
+    from mpcl.backends.onnxruntime_backend import session_options
+
+    def session(profile: bool):
+        options = session_options(threads)
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(scratch / "ort_profile")
+        return onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    plain = session(False)
+    feed = {plain.get_inputs()[0].name: batch}
+
+    def run_once() -> None:
+        plain.run(None, feed)
+
+    run_once()
+    latencies = [_seconds(run_once) for _ in range(repeats)]
+
+    profiled = session(True)
+    for _ in range(repeats + 1):
+        profiled.run(None, feed)
+    events = json.loads(Path(profiled.end_profiling()).read_text())
+    per_op: dict[str, float] = collections.Counter()
+    nodes: dict[str, int] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"] / 1e6
+            nodes[event["args"]["op_name"]] += 1
+    runs = repeats + 1
+    return {
+        "median_s": statistics.median(latencies),
+        "min_s": min(latencies),
+        "profile_s_per_run": {op: seconds / runs for op, seconds in per_op.most_common()},
+        "nodes_per_run": {op: count // runs for op, count in nodes.items()},
+    }
+
+
+def _package_onnx(args, scratch: Path) -> tuple[Path, tuple[int, int], str]:
+    from mpcl.model_package import load_model_package
+
+    if args.package is None:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from inference import make_default_package
+
+        folder = make_default_package(scratch)
+        label = "random SSL4MIS U-Net (16-32-64-128-256), 256x256"
+    else:
+        folder, label = args.package, f"package {args.package}"
+    package = load_model_package(folder)
+    return package.path_of("onnx"), tuple(package.patch_size), label
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--package", type=Path, help="a model package with an fp32 ONNX file")
+    parser.add_argument("--batch", type=int, default=10, help="slices per run (an ACDC volume has ~10)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "ort_profile_cpu.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="mpcl-ort-profile-") as scratch:
+        scratch = Path(scratch)
+        onnx_path, patch, label = _package_onnx(args, scratch)
+        fma, fma_how = fma_peak_gflops(args.threads, scratch)
+        sgemm = sgemm_gflops()
+        flops = conv_flops(onnx_path, args.batch, *patch)
+        batch = np.random.default_rng(0).random((args.batch, 1, *patch), dtype=np.float32)
+        measured = profile_session(onnx_path, batch, args.threads, args.repeats, scratch)
+
+    import onnxruntime
+
+    total_gflop = sum(flops.values()) / 1e9
+    conv_seconds = sum(measured["profile_s_per_run"].get(op, 0.0) for op in flops)
+    profiled_seconds = sum(measured["profile_s_per_run"].values())
+    floors = {name: total_gflop / peak for name, peak in (("fma_peak", fma), ("sgemm", sgemm)) if peak}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "onnxruntime": onnxruntime.__version__,
+            "note": args.note,
+        },
+        "settings": {"model": label, "batch": args.batch, "patch": list(patch), "repeats": args.repeats},
+        "peak_gflops": {"fma": fma, "fma_how": fma_how, "sgemm_2048": sgemm},
+        "network_gflop": {op: value / 1e9 for op, value in flops.items()},
+        "latency_s": {"median": measured["median_s"], "min": measured["min_s"]},
+        "floor_s": floors,
+        "latency_over_floor": {name: measured["median_s"] / floor for name, floor in floors.items()},
+        "profile_s_per_run": measured["profile_s_per_run"],
+        "nodes_per_run": measured["nodes_per_run"],
+        "conv_gflops_achieved": total_gflop / conv_seconds if conv_seconds else None,
+        "gflops_by_op": {
+            op: value / 1e9 / measured["profile_s_per_run"][op]
+            for op, value in flops.items()
+            if measured["profile_s_per_run"].get(op)
+        },
+        "non_conv_share_of_profile": 1 - conv_seconds / profiled_seconds if profiled_seconds else None,
+    }
+    for line in _table(report):
+        print(line)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written {args.output}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _table(report: dict) -> list[str]:
+    peak, latency = report["peak_gflops"], report["latency_s"]
+    lines = [
+        f"model: {report['settings']['model']}, batch {report['settings']['batch']}",
+        f"peak fp32: FMA {peak['fma'] or float('nan'):.1f} GFLOP/s ({peak['fma_how']}), "
+        f"sgemm {peak['sgemm_2048']:.1f} GFLOP/s",
+        f"network: {sum(report['network_gflop'].values()):.2f} GFLOP; "
+        f"latency median {latency['median']:.3f} s (min {latency['min']:.3f})",
+    ]
+    for name, floor in report["floor_s"].items():
+        lines.append(
+            f"floor at {name} peak: {floor:.3f} s -> latency / floor {report['latency_over_floor'][name]:.2f}"
+        )
+    lines.append(f"{'op type':16} {'ms/run':>8} {'share':>6} {'nodes':>5}")
+    total = sum(report["profile_s_per_run"].values())
+    for op, seconds in report["profile_s_per_run"].items():
+        lines.append(
+            f"{op:16} {1e3 * seconds:8.1f} {100 * seconds / total:5.1f}% {report['nodes_per_run'][op]:5d}"
+        )
+    if report["conv_gflops_achieved"]:
+        by_op = ", ".join(f"{op} {rate:.1f}" for op, rate in report["gflops_by_op"].items())
+        lines.append(
+            f"convolutions achieve {report['conv_gflops_achieved']:.1f} GFLOP/s in the profile ({by_op})"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    main()

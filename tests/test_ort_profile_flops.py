@@ -1,0 +1,55 @@
+"""The FLOP count behind benchmarks/ort_profile.py's compute floor, checked against the torch network."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ort_profile():
+    spec = importlib.util.spec_from_file_location("ort_profile", REPO / "benchmarks" / "ort_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _torch_flops(model: torch.nn.Module, image: torch.Tensor) -> dict[str, float]:
+    """2 x multiply-adds per Conv2d / ConvTranspose2d, counted from the tensors each layer really sees."""
+    counts = {"Conv": 0.0, "ConvTranspose": 0.0}
+
+    def hook(module, inputs, output):
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        if isinstance(module, torch.nn.ConvTranspose2d):
+            per_input = module.out_channels // module.groups * kernel
+            counts["ConvTranspose"] += 2 * inputs[0].numel() * per_input
+        else:
+            counts["Conv"] += 2 * output.numel() * module.in_channels // module.groups * kernel
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+    ]
+    with torch.no_grad():
+        model(image)
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
+def test_conv_flops_of_the_exported_graph_match_the_torch_network(tmp_path):
+    from mpcl.export.onnx_export import export_onnx
+    from mpcl.export.student import fold_batch_norm
+    from mpcl.training.networks.unet import UNet
+
+    network = fold_batch_norm(UNet(1, 4, (4, 8, 16, 32, 64)).eval())
+    path = tmp_path / "net.onnx"
+    export_onnx(network, path, 1, (64, 64))
+    counted = _ort_profile().conv_flops(path, 3, 48, 80)  # another batch and size than traced
+    expected = _torch_flops(network, torch.zeros(3, 1, 48, 80))
+    assert counted == expected
+    assert expected["ConvTranspose"] > 0 and expected["Conv"] > 10 * expected["ConvTranspose"]
