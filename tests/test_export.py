@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,13 +202,19 @@ def test_dice_gate_counts_points():
 
 
 # -- distillation config ----------------------------------------------------------------------------------
-def test_shipped_distill_config_is_valid():
-    from pathlib import Path
+DISTILL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "distill").glob("*.yaml"))
 
+
+@pytest.mark.parametrize("path", DISTILL_CONFIGS, ids=lambda path: path.name)
+def test_shipped_distill_configs_are_valid(path):
     from mpcl.export.distill import load_distill_config
 
-    config = load_distill_config(Path(__file__).resolve().parents[1] / "configs" / "distill" / "small.yaml")
+    config = load_distill_config(path)
     assert len(config.channels) == 5 and config.channels[0] < 16
+
+
+def test_both_distill_configs_are_shipped():
+    assert {path.name for path in DISTILL_CONFIGS} >= {"small.yaml", "small_no_dropout.yaml"}
 
 
 @pytest.mark.parametrize(
