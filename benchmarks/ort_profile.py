@@ -8,8 +8,8 @@ For one package's fp32 graph on a batch of slices (default: a randomly initialis
 - the network's useful FLOPs (Conv and ConvTranspose, from the graph's shapes), so the "floor" is
   FLOPs / peak for both peaks;
 - the session's latency (median and min over repeats; the session settings are the runtime's own,
-  ``onnxruntime_backend.session_options``), and ONNX Runtime's own profile summed per operator type,
-  with the convolutions' achieved GFLOP/s.
+  ``onnxruntime_backend.session_options``), and ONNX Runtime's own profile (each node's median over the
+  runs, summed per operator type), with the convolutions' achieved GFLOP/s.
 
     python benchmarks/ort_profile.py                       # random 256x256 U-Net, 10 slices
     python benchmarks/ort_profile.py --package runs/x/model --batch 10 --output ...
@@ -127,18 +127,21 @@ def profile_session(onnx_path: Path, batch: np.ndarray, threads: int, repeats: i
     for _ in range(repeats + 1):
         profiled.run(None, feed)
     events = json.loads(Path(profiled.end_profiling()).read_text())
-    per_op: dict[str, float] = collections.Counter()
-    nodes: dict[str, int] = collections.Counter()
+    durations: dict[tuple[str, str], list[float]] = collections.defaultdict(list)  # (op, node) -> seconds
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"] / 1e6
-            nodes[event["args"]["op_name"]] += 1
-    runs = repeats + 1
+            durations[event["args"]["op_name"], event["name"]].append(event["dur"] / 1e6)
+    # each node's median over the runs, so the warm-up run does not count
+    per_op: dict[str, float] = collections.Counter()
+    nodes: dict[str, int] = collections.Counter()
+    for (op, _), seconds in durations.items():
+        per_op[op] += statistics.median(seconds)
+        nodes[op] += 1
     return {
         "median_s": statistics.median(latencies),
         "min_s": min(latencies),
-        "profile_s_per_run": {op: seconds / runs for op, seconds in per_op.most_common()},
-        "nodes_per_run": {op: count // runs for op, count in nodes.items()},
+        "profile_s_per_run": dict(per_op.most_common()),
+        "nodes_per_run": dict(nodes),
     }
 
 
