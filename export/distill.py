@@ -1,6 +1,6 @@
 """Knowledge distillation into a compact student: the same U-Net with fewer channels, for speed.
 
-The trained network (teacher, eval mode, BN folded) labels every slice softly; the student learns
+The trained network (teacher, eval mode, BN folded for speed) labels every slice softly; the student learns
 T²·KL(softmax(t/T) ‖ softmax(s/T)) on labelled and unlabelled slices alike (the teacher's dark knowledge
 is what the unlabelled pool carries) plus soft Dice against the ground truth on labelled slices. Batches
 come from training's BatchFactory with the teacher's own augmentation, so the student sees what the
@@ -25,7 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from mpcl.errors import ConfigError
+from mpcl.export.channel_selection import init_from_teacher_channels
 from mpcl.export.parity import mean_dice
+from mpcl.export.student import fold_batch_norm
 from mpcl.training.config import AugmentConfig, dataclass_from_dict, read_yaml
 from mpcl.training.data.base import SegmentationData
 from mpcl.training.data.batches import BatchFactory, prefetch
@@ -54,6 +56,9 @@ class DistillConfig:
     seed: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
+    # random: a fresh network; teacher_channels: start from the teacher's most important channels
+    # (export/channel_selection.py), so distillation repairs a pruned teacher instead of starting over
+    init: Literal["random", "teacher_channels"] = "random"
 
 
 def _check(config: DistillConfig) -> None:
@@ -133,13 +138,19 @@ def distill(
     echo: Callable[[str], None] | None = None,
 ) -> DistillResult:
     """Train a ``config.channels`` U-Net from ``teacher``'s soft predictions; returns the best student.
+    ``teacher`` is the trained network with its batch norms (a folded copy makes the soft labels).
     ``echo`` gets one line per validation, so a run without a progress bar still reports."""
     device = select_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
-    student = UNet(1, data.num_classes, config.channels, config.dropout).to(device)
-    teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+    student = UNet(1, data.num_classes, config.channels, config.dropout, upsampling=_upsampling(teacher))
+    if config.init == "teacher_channels":
+        if not isinstance(teacher, UNet):
+            raise ConfigError("init: teacher_channels needs a U-Net teacher")
+        init_from_teacher_channels(student, teacher)
+    student = student.to(device)
+    teacher = fold_batch_norm(teacher).to(device).requires_grad_(False)
     try:
         factory = BatchFactory(
             data.labeled,
@@ -194,6 +205,11 @@ def distill(
     return DistillResult(
         student.cpu().eval(), best_dice, teacher_dice, best_iteration, config.iterations, history
     )
+
+
+def _upsampling(teacher: nn.Module) -> str:
+    """The teacher's upsampling, so the student keeps the teacher's architecture apart from widths."""
+    return teacher.hyperparameters()["upsampling"] if isinstance(teacher, UNet) else "transposed"
 
 
 @torch.no_grad()

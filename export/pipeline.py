@@ -246,9 +246,8 @@ def _distill(run, state, source, out_dir, config, data, reference, spec, source_
 
     options = run.options
     stored = stored_config(state, "the checkpoint")
-    teacher = fold_batch_norm(reference)
     result = distill(
-        teacher,
+        reference,
         data,
         config,
         tuple(stored.data.patch_size),
@@ -259,7 +258,8 @@ def _distill(run, state, source, out_dir, config, data, reference, spec, source_
     )
     student_spec = {**spec, "channels": list(config.channels), "dropout": list(config.dropout)}
     sample = torch.from_numpy(batch[:8])
-    speedup = forward_seconds(teacher, sample) / forward_seconds(fold_batch_norm(result.student), sample)
+    teacher_seconds = forward_seconds(fold_batch_norm(reference), sample)
+    speedup = teacher_seconds / forward_seconds(fold_batch_norm(result.student), sample)
     check = DiceCheck(source_dice, result.student_dice, options.max_dice_drop, len(data.val_volumes))
     path = Path(options.student_checkpoint or out_dir.parent / f"{out_dir.name}.student.pt")
     metadata = {**state["metadata"], "network": {**student_spec, "deep_supervision": False}}
