@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,3 +55,17 @@ def test_conv_flops_of_the_exported_graph_match_the_torch_network(tmp_path):
     expected = _torch_flops(network, torch.zeros(3, 1, 48, 80))
     assert counted == expected
     assert expected["ConvTranspose"] > 0 and expected["Conv"] > 10 * expected["ConvTranspose"]
+
+
+def test_fma_peak_measures_avx512_exactly_when_the_cpu_has_it(tmp_path):
+    """The floor's peak must come from the widest FMA this CPU has, or the floor is too generous."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler to build benchmarks/fma_peak.c")
+    flags = next(
+        (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
+    ).split()
+    if "avx2" not in flags or "fma" not in flags:
+        pytest.skip("this CPU has no AVX2/FMA, which fma_peak.c needs")
+    peak, how = _ort_profile().fma_peak_gflops(1, tmp_path)
+    assert peak is not None and peak > 0, how
+    assert ("no AVX-512F" in how) == ("avx512f" not in flags), how
