@@ -130,6 +130,20 @@ def resize_2d(data: np.ndarray, out_hw: tuple[int, int], order: int = 1) -> np.n
     return work.astype(np.float32) if order == 1 else work
 
 
+def _first_argmax(scores: list[np.ndarray]) -> np.ndarray:
+    """``np.stack(scores).argmax(axis=0)`` (ties to the lowest index) with one contiguous pass per class.
+
+    numpy's argmax over a short strided class axis is several times slower than these whole-array
+    comparisons, and label maps have only a handful of classes.
+    """
+    best, winner = scores[0], np.zeros(scores[0].shape, dtype=np.intp)
+    for index, score in enumerate(scores[1:], start=1):
+        better = score > best
+        best = np.where(better, score, best)
+        winner[better] = index
+    return winner
+
+
 def resized_argmax(probabilities: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """``resize_2d(probabilities, out_hw, order=1).argmax(axis=1)`` as uint8, without resizing every channel.
 
@@ -149,7 +163,7 @@ def resized_argmax(probabilities: np.ndarray, out_hw: tuple[int, int]) -> np.nda
         raise InputError(f"resized_argmax returns uint8 labels, so at most 256 classes, got {classes}")
     y0, y1, fy = _axis_neighbours(h, out_h)
     x0, x1, fx = _axis_neighbours(w, out_w)
-    coarse = data.argmax(axis=1).astype(np.uint16)  # (b, h, w)
+    coarse = _first_argmax(list(data.transpose(1, 0, 2, 3))).astype(np.uint16)  # (b, h, w)
     # mixed[i, j]: the source cell with corners (i, j) and (i + 1, j + 1), edge-clamped, has two classes
     padded = np.pad(coarse, ((0, 0), (0, 1), (0, 1)), mode="edge")
     corner = padded[:, :-1, :-1]
@@ -160,13 +174,16 @@ def resized_argmax(probabilities: np.ndarray, out_hw: tuple[int, int]) -> np.nda
     labels = (gathered & np.uint16(0xFF)).astype(np.uint8)
     b, y, x = np.nonzero(gathered >= 1 << 15)
     if b.size:
-        pixels = data.transpose(0, 2, 3, 1).reshape(batch * h * w, classes)  # one row per source pixel
-        base = b * (h * w)
-        wy, wx = fy[y][:, None], fx[x][:, None]
-        top, bottom = base + y0[y] * w, base + y1[y] * w
-        left = pixels[top + x0[x]] * (1 - wy) + pixels[bottom + x0[x]] * wy  # (n, C), along y first
-        right = pixels[top + x1[x]] * (1 - wy) + pixels[bottom + x1[x]] * wy
-        labels[b, y, x] = (left * (1 - wx) + right * wx).argmax(axis=1)
+        planes = data.reshape(batch, classes, h * w)
+        wy, wx = fy[y], fx[x]
+        top, bottom = y0[y] * w, y1[y] * w
+        interpolated = []
+        for c in range(classes):  # per class, the reference's operations in its order: along y, then x
+            plane = planes[:, c]
+            left = plane[b, top + x0[x]] * (1 - wy) + plane[b, bottom + x0[x]] * wy
+            right = plane[b, top + x1[x]] * (1 - wy) + plane[b, bottom + x1[x]] * wy
+            interpolated.append(left * (1 - wx) + right * wx)
+        labels[b, y, x] = _first_argmax(interpolated)
     return labels
 
 
