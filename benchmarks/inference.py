@@ -39,6 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_description  # noqa: E402  (benchmarks/ is not a package)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 STAGES = ("read", "normalize", "resize_to_patch", "network", "softmax", "resize_back", "argmax_entropy")
@@ -363,6 +366,7 @@ def main() -> None:
     report = {
         "machine": {
             "platform": platform.platform(),
+            **cpu_description(),
             "cpu_count": os.cpu_count(),
             "threads": args.threads,
             "onnxruntime": onnxruntime.__version__,

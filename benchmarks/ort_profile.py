@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_description  # noqa: E402  (benchmarks/ is not a package)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -204,7 +207,7 @@ def main() -> None:
     report = {
         "machine": {
             "platform": platform.platform(),
-            "processor": _cpu_model(),
+            **cpu_description(),
             "cpu_count": os.cpu_count(),
             "threads": args.threads,
             "onnxruntime": onnxruntime.__version__,
@@ -231,16 +234,6 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written {args.output}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _table(report: dict) -> list[str]:
