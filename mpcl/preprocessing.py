@@ -7,7 +7,7 @@ each other), which is scipy.ndimage.zoom's convention and the SSL4MIS evaluation
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -144,20 +144,25 @@ def _first_argmax(scores: list[np.ndarray]) -> np.ndarray:
     return winner
 
 
-def resized_argmax(probabilities: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """``resize_2d(probabilities, out_hw, order=1).argmax(axis=1)`` as uint8, without resizing every channel.
+def resized_argmax(
+    scores: np.ndarray,
+    out_hw: tuple[int, int],
+    to_probabilities: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """``resize_2d(p, out_hw, order=1).argmax(axis=1)`` as uint8, without resizing every channel.
 
-    ``probabilities``: (b, C, h, w). An output pixel is a convex combination of its four source pixels;
-    where all four have the same argmax class, that class also wins the combination (each term of the
-    sum is at least the other classes', and float32 rounding is monotone), so only pixels whose sources
-    disagree, the class boundaries, are interpolated, with the reference's operations in its order.
+    ``scores``: (b, C, h, w), the probabilities ``p`` themselves or, with ``to_probabilities`` (e.g.
+    ``softmax`` over axis 1 of an (n, C) array), logits. An output pixel is a convex combination of its
+    four source pixels; where all four have the same argmax class, that class also wins the combination
+    (each term of the sum is at least the other classes', and float32 rounding is monotone), so only
+    pixels whose sources disagree, the class boundaries, are interpolated, with the reference's
+    operations in its order. A per-pixel map that keeps the argmax (softmax) is therefore needed only
+    at those boundaries' source pixels, which is where ``to_probabilities`` is applied.
     Results equal the full resize's argmax except where two classes tie to within float32 rounding.
     """
-    if probabilities.ndim != 4:
-        raise InputError(
-            f"resized_argmax needs (batch, classes, h, w) probabilities, got {probabilities.shape}"
-        )
-    data = np.asarray(probabilities, dtype=np.float32)
+    if scores.ndim != 4:
+        raise InputError(f"resized_argmax needs (batch, classes, h, w) scores, got {scores.shape}")
+    data = np.asarray(scores, dtype=np.float32)
     (batch, classes, h, w), (out_h, out_w) = data.shape, (int(out_hw[0]), int(out_hw[1]))
     if classes > 256:
         raise InputError(f"resized_argmax returns uint8 labels, so at most 256 classes, got {classes}")
@@ -172,18 +177,21 @@ def resized_argmax(probabilities: np.ndarray, out_hw: tuple[int, int]) -> np.nda
     cell = (y0[:, None] * w + x0[None, :]).ravel()  # each output pixel's source cell, flat
     gathered = np.take(code.reshape(batch, h * w), cell, axis=1).reshape(batch, out_h, out_w)
     labels = (gathered & np.uint16(0xFF)).astype(np.uint8)
-    b, y, x = np.nonzero(gathered >= 1 << 15)
+    flat = np.flatnonzero(gathered >= 1 << 15)  # one index array: ~7x faster than a 3D nonzero here
+    b, within = np.divmod(flat, out_h * out_w)
+    y, x = np.divmod(within, out_w)
     if b.size:
-        planes = data.reshape(batch, classes, h * w)
-        wy, wx = fy[y], fx[x]
+        pixels = data.reshape(batch, classes, h * w)
         top, bottom = y0[y] * w, y1[y] * w
-        interpolated = []
-        for c in range(classes):  # per class, the reference's operations in its order: along y, then x
-            plane = planes[:, c]
-            left = plane[b, top + x0[x]] * (1 - wy) + plane[b, bottom + x0[x]] * wy
-            right = plane[b, top + x1[x]] * (1 - wy) + plane[b, bottom + x1[x]] * wy
-            interpolated.append(left * (1 - wx) + right * wx)
-        labels[b, y, x] = _first_argmax(interpolated)
+
+        def source(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:  # (n, C) at each boundary pixel
+            values = pixels[b, :, rows + columns]
+            return values if to_probabilities is None else to_probabilities(values)
+
+        wy, wx = fy[y][:, None], fx[x][:, None]
+        left = source(top, x0[x]) * (1 - wy) + source(bottom, x0[x]) * wy  # along y first, as resize_2d
+        right = source(top, x1[x]) * (1 - wy) + source(bottom, x1[x]) * wy
+        labels[b, y, x] = _first_argmax(list((left * (1 - wx) + right * wx).T))
     return labels
 
 

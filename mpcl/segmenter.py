@@ -10,8 +10,9 @@ The pipeline is the training evaluation's (``mpcl.training.evaluate.predict_prob
 normalise the whole volume as in training, take 2D slices along the through-plane (coarsest-spaced) axis,
 resize each to the patch (corner-aligned bilinear), run the backend on batches of slices, softmax, resize
 the probabilities back to the slice's own size, argmax. When only labels are asked for, the last two
-steps are ``resized_argmax``, which interpolates just the pixels on class boundaries (same labels; its
-time is reported as ``resize_back``). Only a batch of slices is ever held at patch or
+steps are ``resized_argmax``, which interpolates just the pixels on class boundaries and, without
+test-time flips, takes the softmax just at their source pixels (same labels; its time is reported as
+``resize_back``). Only a batch of slices is ever held at patch or
 probability resolution, so memory grows with the volume (input + normalised copy + uint8 labels), not
 with the number of classes, unless full probabilities are asked for.
 
@@ -404,12 +405,17 @@ class Segmenter:
         clock = time.perf_counter()
         batch = np.ascontiguousarray(resize_2d(slices, self.package.patch_size, order=1)[:, None])
         timings["resize_to_patch"] += time.perf_counter() - clock
-        chunk = self._probabilities(batch, tta, timings)
-        clock = time.perf_counter()
         if not (want_probabilities or want_uncertainty):  # labels only: resize just the class boundaries
-            labels = resized_argmax(chunk, out_hw)
+            if tta:
+                scores, to_probabilities = self._probabilities(batch, tta, timings), None
+            else:  # and softmax just at their source pixels
+                scores, to_probabilities = self._logits(batch, timings), softmax
+            clock = time.perf_counter()
+            labels = resized_argmax(scores, out_hw, to_probabilities)
             timings["resize_back"] += time.perf_counter() - clock
             return HeadOutputs(labels, None, None)
+        chunk = self._probabilities(batch, tta, timings)
+        clock = time.perf_counter()
         chunk = resize_2d(chunk, out_hw, order=1)  # (b, C, H, W) on the slice's own grid
         timings["resize_back"] += time.perf_counter() - clock
         clock = time.perf_counter()
@@ -423,13 +429,18 @@ class Segmenter:
         flips = TTA_FLIPS if tta else ((),)
         if len(flips) > 1:
             batch = np.ascontiguousarray(np.concatenate([np.flip(batch, f) if f else batch for f in flips]))
-        clock = time.perf_counter()
-        logits = self.backend.run(batch)
-        timings["network"] += time.perf_counter() - clock
+        logits = self._logits(batch, timings)
         clock = time.perf_counter()
         probabilities = average_flips(softmax(logits), flips)
         timings["softmax"] += time.perf_counter() - clock
         return probabilities
+
+    def _logits(self, batch: np.ndarray, timings: dict[str, float]) -> np.ndarray:
+        """The backend's logits (b, C, h, w) for a (b, 1, h, w) batch at patch size, timed as ``network``."""
+        clock = time.perf_counter()
+        logits = self.backend.run(batch)
+        timings["network"] += time.perf_counter() - clock
+        return logits
 
     # -- files -----------------------------------------------------------------------------------
     def segment_to_files(

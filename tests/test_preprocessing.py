@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from mpcl.errors import InputError
+from mpcl.postprocessing import softmax
 from mpcl.preprocessing import normalize_intensity, resize_2d, resized_argmax, through_plane_axis
 
 # (leading axes, input HxW, output HxW): square, non-square, up- and down-sampling, 1-pixel axes.
@@ -116,6 +117,22 @@ def test_resized_argmax_equals_argmax_of_the_full_resize(leading, in_hw, out_hw,
     result = resized_argmax(probabilities, out_hw)
     assert result.dtype == np.uint8 and result.shape == (3, *out_hw)
     np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.parametrize(("leading", "in_hw", "out_hw"), RESIZE_CASES)
+def test_resized_argmax_of_logits_equals_argmax_of_the_resized_softmax(leading, in_hw, out_hw):
+    rng = np.random.default_rng(3 * sum(in_hw) + sum(out_hw))
+    logits = np.log(_smooth_probabilities(rng, (3, 4, *in_hw), 0.5)) * 1.7 + 0.3  # softmax undoes both
+    expected = resize_2d(softmax(logits), out_hw, order=1).argmax(axis=1)
+    np.testing.assert_array_equal(resized_argmax(logits, out_hw, to_probabilities=softmax), expected)
+
+
+def test_resized_argmax_interpolates_probabilities_not_logits():
+    # left pixel: class 1 almost surely (p1 = 0.99995), right: class 0 (p1 = 0.269); the probabilities
+    # cross 0.5 at t = 0.68, the logit difference (10 to -1) only at t = 0.91
+    logits = np.array([[[[0.0, 1.0]], [[10.0, 0.0]]]], dtype=np.float32)  # (1, 2, 1, 2)
+    labels = resized_argmax(logits, (1, 11), to_probabilities=softmax)[0, 0]
+    np.testing.assert_array_equal(labels, [1] * 7 + [0] * 4)
 
 
 def test_resized_argmax_interpolates_boundaries_rather_than_copying_neighbours():
