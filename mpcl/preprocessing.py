@@ -182,11 +182,19 @@ def resized_argmax(
     y, x = np.divmod(within, out_w)
     if b.size:
         pixels = data.reshape(batch, classes, h * w)
+        if to_probabilities is not None:  # only at the corners of mixed cells (edge-clamped like them)
+            corners = mixed.copy()
+            corners[:, 1:, :] |= mixed[:, :-1, :]
+            corners[:, :, 1:] |= mixed[:, :, :-1]
+            corners[:, 1:, 1:] |= mixed[:, :-1, :-1]
+            cb, cpixel = np.divmod(np.flatnonzero(corners), h * w)
+            converted = np.empty_like(pixels)  # left undefined away from the corners: never read
+            converted[cb, :, cpixel] = to_probabilities(pixels[cb, :, cpixel])
+            pixels = converted
         top, bottom = y0[y] * w, y1[y] * w
 
         def source(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:  # (n, C) at each boundary pixel
-            values = pixels[b, :, rows + columns]
-            return values if to_probabilities is None else to_probabilities(values)
+            return pixels[b, :, rows + columns]
 
         wy, wx = fy[y][:, None], fx[x][:, None]
         left = source(top, x0[x]) * (1 - wy) + source(bottom, x0[x]) * wy  # along y first, as resize_2d
