@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_helpers import load_benchmark
 
 
 def _inference_benchmark():
-    spec = importlib.util.spec_from_file_location("inference_benchmark", REPO / "benchmarks" / "inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("inference")
 
 
 def test_paired_change_is_the_mean_per_volume_difference_with_its_standard_error():

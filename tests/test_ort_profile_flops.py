@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchmark_helpers import load_benchmark
 
 
 def _ort_profile():
-    spec = importlib.util.spec_from_file_location("ort_profile", REPO / "benchmarks" / "ort_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ort_profile")
 
 
 def _torch_flops(model: torch.nn.Module, image: torch.Tensor) -> dict[str, float]:

@@ -329,17 +329,15 @@ def test_options_run_and_give_finite_terms(tmp_path, options):
 
 
 def test_shipped_config_is_valid_and_pccs_with_bands_in_the_benchmark():
-    import importlib.util
     from pathlib import Path
 
     from mpcl.training.config import load_config
+    from tests.benchmark_helpers import load_benchmark
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "configs" / "acdc_pccs_3labeled.yaml")
     assert config.method.name == "pccs" and config.method.params["sdm_levels"] == "rings"
-    spec = importlib.util.spec_from_file_location("ssl_acdc", root / "benchmarks" / "ssl_acdc.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("ssl_acdc")
     assert benchmark.VARIANTS["pccs"] == (
         "configs/acdc_pccs_3labeled.yaml",
         {"method.params.sdm_levels": "bands"},
