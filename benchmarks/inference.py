@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_description  # noqa: E402  (benchmarks/ is not a package)
+from machine import machine_record, write_report  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -355,24 +354,8 @@ def main() -> None:
         print(line)
     for row, reason in skipped.items():
         print(f"skipped {row}: {reason}")
-    import onnxruntime
-
-    try:
-        import torch
-
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = None
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            **cpu_description(),
-            "cpu_count": os.cpu_count(),
-            "threads": args.threads,
-            "onnxruntime": onnxruntime.__version__,
-            "torch": torch_version,
-            "note": args.note,
-        },
+        "machine": machine_record(args.threads, args.note, with_torch=True),
         "settings": {
             "repeats": args.repeats,
             "batch_size": args.batch_size,
@@ -388,9 +371,7 @@ def main() -> None:
         "results": report_rows,
         "skipped": skipped,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written {args.output}")
+    write_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""What CPU a benchmark ran on: the VMs these benchmarks run on change between sessions (AVX2-only and
-AVX-512 machines so far), and a latency means little without it."""
+"""What machine a benchmark ran on, and how its JSON is written: the VMs these benchmarks run on change
+between sessions (AVX2-only and AVX-512 machines so far), and a latency means little without them."""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 from pathlib import Path
 
@@ -21,3 +23,32 @@ def cpu_description() -> dict[str, object]:
     except OSError:
         pass
     return {"processor": model, "avx512f": "avx512f" in flags}
+
+
+def machine_record(threads: int, note: str, with_torch: bool = False) -> dict[str, object]:
+    """The "machine" block of every benchmark JSON: platform, CPU, threads, runtime versions, the note."""
+    import onnxruntime
+
+    record: dict[str, object] = {
+        "platform": platform.platform(),
+        **cpu_description(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    if with_torch:
+        try:
+            import torch
+
+            record["torch"] = torch.__version__
+        except ImportError:
+            record["torch"] = None
+    record["note"] = note
+    return record
+
+
+def write_report(report: dict, output: Path) -> None:
+    """Write a benchmark's JSON (creating its folder) and say where."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written {output}")

@@ -25,7 +25,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_description  # noqa: E402  (benchmarks/ is not a package)
+from machine import machine_record, write_report  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -198,21 +197,12 @@ def main() -> None:
         batch = np.random.default_rng(0).random((args.batch, 1, *patch), dtype=np.float32)
         measured = profile_session(onnx_path, batch, args.threads, args.repeats, scratch)
 
-    import onnxruntime
-
     total_gflop = sum(flops.values()) / 1e9
     conv_seconds = sum(measured["profile_s_per_run"].get(op, 0.0) for op in flops)
     profiled_seconds = sum(measured["profile_s_per_run"].values())
     floors = {name: total_gflop / peak for name, peak in (("fma_peak", fma), ("sgemm", sgemm)) if peak}
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            **cpu_description(),
-            "cpu_count": os.cpu_count(),
-            "threads": args.threads,
-            "onnxruntime": onnxruntime.__version__,
-            "note": args.note,
-        },
+        "machine": machine_record(args.threads, args.note),
         "settings": {"model": label, "batch": args.batch, "patch": list(patch), "repeats": args.repeats},
         "peak_gflops": {"fma": fma, "fma_how": fma_how, "sgemm_2048": sgemm},
         "network_gflop": {op: value / 1e9 for op, value in flops.items()},
@@ -231,9 +221,7 @@ def main() -> None:
     }
     for line in _table(report):
         print(line)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written {args.output}")
+    write_report(report, args.output)
 
 
 def _table(report: dict) -> list[str]:

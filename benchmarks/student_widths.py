@@ -16,9 +16,7 @@ benchmarks/results/student_widths_cpu.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_description  # noqa: E402  (benchmarks/ is not a package)
+from machine import machine_record, write_report  # noqa: E402  (benchmarks/ is not a package)
 from ort_profile import conv_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,23 +109,12 @@ def main() -> None:
                 flush=True,
             )
 
-    import onnxruntime
-
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            **cpu_description(),
-            "cpu_count": os.cpu_count(),
-            "threads": args.threads,
-            "onnxruntime": onnxruntime.__version__,
-            "note": args.note,
-        },
+        "machine": machine_record(args.threads, args.note),
         "settings": {"batch": args.batch, "patch": args.patch, "repeats": args.repeats},
         "students": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written {args.output}")
+    write_report(report, args.output)
 
 
 if __name__ == "__main__":
