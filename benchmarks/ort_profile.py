@@ -14,6 +14,7 @@ For one package's fp32 graph on a batch of slices (default: a randomly initialis
 
     python benchmarks/ort_profile.py                       # random 256x256 U-Net, 10 slices
     python benchmarks/ort_profile.py --package runs/x/model --batch 10 --output ...
+    python benchmarks/ort_profile.py --package runs/x/student --precision int8 --batch 9 --output ...
 
 Run it on an otherwise idle machine; it prints a table and writes JSON (default
 benchmarks/results/ort_profile_cpu.json).
@@ -40,6 +41,8 @@ from machine import machine_record, write_report  # noqa: E402  (benchmarks/ is 
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+# ONNX Runtime's kernels for the graph's convolutions, by the FLOP family they compute
+CONV_FAMILY = {"Conv": "Conv", "FusedConv": "Conv", "QLinearConv": "Conv", "ConvTranspose": "ConvTranspose"}
 
 
 def fma_peak_gflops(threads: int, scratch: Path) -> tuple[float | None, str]:
@@ -161,7 +164,8 @@ def profile_session(onnx_path: Path, batch: np.ndarray, threads: int, repeats: i
     }
 
 
-def _package_onnx(args, scratch: Path) -> tuple[Path, tuple[int, int], str]:
+def _package_onnx(args, scratch: Path) -> tuple[Path, Path, tuple[int, int], str]:
+    """The fp32 graph (its FLOPs), the graph to profile (fp32 or int8), the patch size and a label."""
     from mpcl.model_package import load_model_package
 
     if args.package is None:
@@ -173,7 +177,8 @@ def _package_onnx(args, scratch: Path) -> tuple[Path, tuple[int, int], str]:
     else:
         folder, label = args.package, f"package {args.package}"
     package = load_model_package(folder)
-    return package.path_of("onnx"), tuple(package.patch_size), label
+    profiled = package.path_of("onnx" if args.precision == "fp32" else "onnx_int8")
+    return package.path_of("onnx"), profiled, tuple(package.patch_size), f"{label}, {args.precision}"
 
 
 def main() -> None:
@@ -181,6 +186,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--package", type=Path, help="a model package with an fp32 ONNX file")
+    parser.add_argument(
+        "--precision", choices=("fp32", "int8"), default="fp32", help="int8: the package's QDQ graph"
+    )
     parser.add_argument("--batch", type=int, default=10, help="slices per run (an ACDC volume has ~10)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -190,15 +198,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mpcl-ort-profile-") as scratch:
         scratch = Path(scratch)
-        onnx_path, patch, label = _package_onnx(args, scratch)
+        if args.precision == "int8" and args.package is None:
+            parser.error("--precision int8 needs --package (a package with an int8 graph)")
+        onnx_path, profiled_path, patch, label = _package_onnx(args, scratch)
         fma, fma_how = fma_peak_gflops(args.threads, scratch)
         sgemm = sgemm_gflops()
         flops = conv_flops(onnx_path, args.batch, *patch)
         batch = np.random.default_rng(0).random((args.batch, 1, *patch), dtype=np.float32)
-        measured = profile_session(onnx_path, batch, args.threads, args.repeats, scratch)
+        measured = profile_session(profiled_path, batch, args.threads, args.repeats, scratch)
 
     total_gflop = sum(flops.values()) / 1e9
-    conv_seconds = sum(measured["profile_s_per_run"].get(op, 0.0) for op in flops)
+    family_seconds = collections.Counter()  # Conv / ConvTranspose time, whatever the precision's op names
+    for op, seconds in measured["profile_s_per_run"].items():
+        if op in CONV_FAMILY:
+            family_seconds[CONV_FAMILY[op]] += seconds
+    conv_seconds = sum(family_seconds.values())
     profiled_seconds = sum(measured["profile_s_per_run"].values())
     floors = {name: total_gflop / peak for name, peak in (("fma_peak", fma), ("sgemm", sgemm)) if peak}
     report = {
@@ -213,9 +227,7 @@ def main() -> None:
         "nodes_per_run": measured["nodes_per_run"],
         "conv_gflops_achieved": total_gflop / conv_seconds if conv_seconds else None,
         "gflops_by_op": {
-            op: value / 1e9 / measured["profile_s_per_run"][op]
-            for op, value in flops.items()
-            if measured["profile_s_per_run"].get(op)
+            op: value / 1e9 / family_seconds[op] for op, value in flops.items() if family_seconds.get(op)
         },
         "non_conv_share_of_profile": 1 - conv_seconds / profiled_seconds if profiled_seconds else None,
     }
