@@ -1,7 +1,7 @@
 """``mpcl-export``: a trained checkpoint (or a model package) in, a checked deployment package out.
 
 Exit codes follow ``mpcl-segment``: 0 everything asked for was written; 1 the package was written but an
-artefact asked for (int8, fp16, TensorRT) was refused by its check and left out; 2 nothing was written
+artefact asked for (int8, fp16, bf16, TensorRT) was refused by its check and left out; 2 nothing was written
 (bad input, a missing optional dependency, or the deployment student / fp32 ONNX graph failed its check),
 with one sentence saying why.
 """
@@ -22,6 +22,12 @@ from mpcl.training.cli import _friendly_errors
 @click.option("--onnx", is_flag=True, help="fp32 ONNX graph (opset 17), parity-checked against torch.")
 @click.option("--int8", is_flag=True, help="Static int8 (QDQ) ONNX for CPUs, Dice-gated (implies --onnx).")
 @click.option("--fp16", is_flag=True, help="fp16 ONNX for GPUs, parity- and Dice-gated (implies --onnx).")
+@click.option(
+    "--bf16",
+    is_flag=True,
+    help="Check OpenVINO's bf16 run of the fp32 graph on this CPU, Dice-gated; Segmenter's auto then uses it "
+    "on CPUs with native bf16 (needs mpcl[openvino]; implies --onnx).",
+)
 @click.option("--trt", is_flag=True, help="TensorRT engine for this GPU (needs mpcl[trt]; implies --onnx).")
 @click.option(
     "--distill",
@@ -83,6 +89,7 @@ def export_main(
     onnx,
     int8,
     fp16,
+    bf16,
     trt,
     distill_config,
     max_dice_drop,
@@ -109,6 +116,7 @@ def export_main(
         onnx=onnx,
         int8=int8,
         fp16=fp16,
+        bf16=bf16,
         trt=trt,
         distill=distill_config,
         max_dice_drop=max_dice_drop,

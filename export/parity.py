@@ -42,6 +42,7 @@ THRESHOLDS = {
     "onnx_fp32": ParityThresholds(1e-4, 0.999),
     "onnx_fp16": ParityThresholds(1e-2, 0.99),
     "onnx_int8": ParityThresholds(None, 0.0),
+    "openvino_bf16": ParityThresholds(5e-2, 0.99),  # 8-bit mantissas: looser than fp16, Dice decides
     "tensorrt_fp32": ParityThresholds(1e-2, 0.995),
     "tensorrt_fp16": ParityThresholds(1e-2, 0.99),
 }

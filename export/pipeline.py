@@ -5,7 +5,9 @@
 2. ONNX fp32 (opset 17, dynamic batch and spatial axes, onnx.checker, ONNX Runtime basic optimisation
    saved), checked for logit parity with torch on real validation slices; a mismatch writes nothing.
 3. int8 (QDQ, calibrated on training slices) and fp16 copies, each kept only if it passes parity (fp16)
-   and loses at most ``max_dice_drop`` Dice points on the validation volumes against the source model.
+   and loses at most ``max_dice_drop`` Dice points on the validation volumes against the source model;
+   ``bf16`` checks the fp32 graph run in bf16 by OpenVINO the same way and records the verdict in
+   ``files.onnx.openvino_bf16`` (no new file: OpenVINO converts at load time).
 4. A TensorRT engine (optional extra), checked the same way on the GPU it was built on.
 
 Every artefact is checked through the runtime backend that will run it, loaded from the staged package,
@@ -59,11 +61,12 @@ Echo = Callable[[str], None]
 
 @dataclass
 class ExportOptions:
-    """What to produce. int8, fp16 and trt start from the fp32 ONNX graph, so they imply ``onnx``."""
+    """What to produce. int8, fp16, bf16 and trt start from the fp32 ONNX graph, so they imply ``onnx``."""
 
     onnx: bool = True
     int8: bool = False
     fp16: bool = False
+    bf16: bool = False  # OpenVINO's bf16 run of the fp32 graph, on CPUs with native bf16
     trt: bool = False
     distill: str | Path | None = None  # a distillation YAML (configs/distill/small.yaml)
     student_checkpoint: str | Path | None = None  # where the distilled student is kept; default beside
@@ -81,11 +84,11 @@ class ExportOptions:
 
     @property
     def needs_onnx(self) -> bool:
-        return self.onnx or self.int8 or self.fp16 or self.trt
+        return self.onnx or self.int8 or self.fp16 or self.bf16 or self.trt
 
     @property
     def needs_dice(self) -> bool:
-        return self.int8 or self.fp16 or self.trt or self.distill is not None
+        return self.int8 or self.fp16 or self.bf16 or self.trt or self.distill is not None
 
 
 @dataclass
@@ -133,7 +136,8 @@ def export_package(
     in the checkpoint's config (at ``data_root`` if given); with ``real_data=False`` and no lossy step,
     parity runs on random inputs and no data is read (packaging at the end of training).
     Raises CheckFailed (nothing written) when the deployment student or the fp32 ONNX graph fails its
-    check; a refused int8/fp16/TensorRT artefact is left out and named in ``ExportReport.refused``.
+    check; a refused int8/fp16/bf16/TensorRT artefact is left out (bf16: recorded as not kept) and named in
+    ``ExportReport.refused``.
     """
     options = options or ExportOptions()
     source, out_dir = Path(source), Path(out_dir)
@@ -149,6 +153,12 @@ def export_package(
             raise InputError(reason)
         if options.trt_precision not in TRT_PRECISIONS:
             raise InputError(f"trt precision {options.trt_precision!r}; expected one of {TRT_PRECISIONS}")
+    if options.bf16:
+        from mpcl.backends.openvino_backend import bf16_unavailable
+
+        reason = bf16_unavailable()
+        if reason is not None:
+            raise InputError(f"--bf16: {reason}")
     distill_config = None
     if options.distill is not None:
         from mpcl.export.distill import load_distill_config
@@ -219,6 +229,8 @@ def export_package(
                 _int8(run, stage, gate, data, patch)
             if options.fp16:
                 _fp16(run, stage, gate)
+            if options.bf16:
+                _openvino_bf16(run, stage, gate)
             if options.trt:
                 _tensorrt(run, stage, gate, in_channels, patch)
         package = stage.publish(overwrite)
@@ -341,8 +353,12 @@ class _Gate:
         self.run, self.stage, self.batch, self.expected = run, stage, batch, expected
         self.data, self.source_dice, self.patch = data, source_dice, patch
 
-    def check(self, role: str, label: str, thresholds_key: str, make_backend) -> bool:
-        """Keep the staged file of ``role`` if it passes; otherwise drop it and record why."""
+    def check(self, role: str | None, label: str, thresholds_key: str, make_backend, verdict_in=None) -> bool:
+        """Keep the staged file of ``role`` if it passes; otherwise drop it and record why.
+
+        ``verdict_in`` = (file role, key): a run-time variant with no file of its own (``role`` None), whose
+        checks and verdict are recorded under that key of that file's entry instead.
+        """
         options = self.run.options
         try:
             backend = make_backend(self.stage.write())
@@ -357,20 +373,27 @@ class _Gate:
             return self.refuse(role, label, f"it cannot be run ({type(error).__name__}: {first[:200]})")
         dice = DiceCheck(self.source_dice, dice_value, options.max_dice_drop, len(volumes))
         self.run.echo(f"{label}: {dice.describe()}")
+        why = None
         if not parity.passed:
-            return self.refuse(role, label, f"its logits differ from torch ({parity.describe()})")
-        if not dice.passed:
-            return self.refuse(
-                role, label, f"it loses {dice.drop_points:.2f} Dice points (max {options.max_dice_drop:g})"
-            )
-        self.stage.update_file(role, parity=parity.record(), dice=dice.record())
+            why = f"its logits differ from torch ({parity.describe()})"
+        elif not dice.passed:
+            why = f"it loses {dice.drop_points:.2f} Dice points (max {options.max_dice_drop:g})"
+        if verdict_in is not None:
+            verdict = {"kept": why is None, "parity": parity.record(), "dice": dice.record()}
+            if why is not None:
+                verdict["why"] = why
+            self.stage.update_file(verdict_in[0], **{verdict_in[1]: verdict})
+        if why is not None:
+            return self.refuse(role, label, why)
+        if role is not None:
+            self.stage.update_file(role, parity=parity.record(), dice=dice.record())
         self.run.echo(f"{label}: kept")
         return True
 
     def refuse(self, role: str | None, label: str, why: str) -> bool:
         if role is not None:
             self.stage.drop_file(role)
-        sentence = f"{label} refused and not written: {why}"
+        sentence = f"{label} refused{' and not written' if role is not None else ''}: {why}"
         self.run.refused.append(sentence)
         self.run.echo(sentence)
         return False
@@ -419,6 +442,19 @@ def _fp16(run, stage, gate: _Gate) -> None:
         "onnx fp16",
         "onnx_fp16",
         lambda package: OnnxRuntimeBackend(package, "cpu", run.options.threads, precision="fp16"),
+    )
+
+
+def _openvino_bf16(run, stage, gate: _Gate) -> None:
+    """OpenVINO's bf16 run of the fp32 graph: checked like a file variant, its verdict kept in model.json."""
+    from mpcl.backends.openvino_backend import BF16_RECORD, OpenVinoBackend
+
+    gate.check(
+        None,
+        "openvino bf16",
+        "openvino_bf16",
+        lambda package: OpenVinoBackend(package, "cpu", run.options.threads, precision="bf16"),
+        verdict_in=("onnx", BF16_RECORD),
     )
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mpcl
+from mpcl.backends import BACKEND_NAMES
 from mpcl.errors import MPCLError
 
 FORMATS = ("nii.gz", "nii", "nrrd", "mha", "seg.nrrd")
@@ -38,13 +39,14 @@ def _parser() -> argparse.ArgumentParser:
         help="output file (one input, with an image suffix) or folder (outputs named <case>.<format>)",
     )
     parser.add_argument("--model", required=True, help="model package folder (holding model.json)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "torch", "tensorrt"))
+    parser.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "fp32", "fp16", "int8"),
-        help="ONNX model to run: auto = int8 on CPU / fp16 on CUDA when the package has them, else fp32",
+        choices=("auto", "fp32", "fp16", "int8", "bf16"),
+        help="auto = the fastest checked variant the package has for the device (OpenVINO: bf16, then "
+        "int8; ONNX Runtime: int8 on CPU, fp16 on CUDA), else fp32; bf16 runs on OpenVINO only",
     )
     parser.add_argument("--tta", action="store_true", help="average over flipped copies (4x slower)")
     parser.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities")

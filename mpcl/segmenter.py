@@ -202,14 +202,17 @@ class Segmenter:
     """A model package loaded on a backend, ready to segment any number of scans.
 
     Construction reads and validates the package and loads the network once; calls never re-read it.
-    ``backend`` is ``auto`` (fastest available, logged), ``onnxruntime``, ``torch`` or ``tensorrt``;
+    ``backend`` is ``auto`` (fastest available, logged), ``onnxruntime``, ``openvino`` (CPU, optional
+    extra), ``torch`` or ``tensorrt``;
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. ``tta`` averages the probabilities over
     horizontal/vertical flips (4 network passes); ``postprocess`` applies the package's clean-ups.
     ``fused_kernels`` (``auto``, ``on``, ``off``): run preprocessing and the output head as fused Triton
     kernels; ``auto`` does where it can (torch backend, CUDA, triton installed), ``on`` refuses to run
-    otherwise. The log says which path runs. ``precision`` (ONNX Runtime: ``auto``, ``fp32``, ``fp16``,
-    ``int8``): ``auto`` runs the package's int8 model on CPU and fp16 on CUDA when it has them (both were
-    checked against the fp32 model's Dice by ``mpcl-export``); the others ask for one file.
+    otherwise. The log says which path runs. ``precision`` (ONNX Runtime and OpenVINO: ``auto``, ``fp32``,
+    ``fp16``, ``int8``; OpenVINO also ``bf16``): ``auto`` runs the package's int8 model on CPU and fp16 on
+    CUDA when it has them (both were checked against the fp32 model's Dice by ``mpcl-export``), and on
+    OpenVINO first bf16 where ``mpcl-export --bf16`` checked it and the CPU has native bf16; the others
+    ask for one variant.
     """
 
     def __init__(

@@ -15,6 +15,13 @@ TINY_CHANNELS = [4, 8, 8, 16, 16]
 PATCH = [32, 32]
 
 
+def auto_cpu_backend() -> str:
+    """What ``backend="auto"`` picks on a CPU: OpenVINO where its optional extra is installed."""
+    from mpcl.backends import module_available
+
+    return "openvino" if module_available("openvino") else "onnxruntime"
+
+
 def oblique_direction() -> tuple[float, ...]:
     """A proper rotation with no zero entries, so no axis of the grid is aligned with the world."""
     a, b, c = math.radians(25), math.radians(-40), math.radians(15)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from mpcl import Segmenter
 from mpcl.cli_segment import segment_main
 from mpcl.io import write_image
-from tests.segment_helpers import CLASS_NAMES, GEOMETRY, phantom_volume
+from tests.segment_helpers import CLASS_NAMES, GEOMETRY, auto_cpu_backend, phantom_volume
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def test_single_file_keeps_geometry_and_matches_the_api(package_dir, cases, tmp_
     out = tmp_path / "seg.mha"
     code, lines, _ = _run(capsys, cases[0], "-o", out, "--model", package_dir, "--device", "cpu")
     assert code == 0
-    assert len(lines) == 1 and lines[0].startswith("[1/1] done case_0 -> ") and "onnxruntime" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("[1/1] done case_0 -> ") and auto_cpu_backend() in lines[0]
     image = sitk.ReadImage(str(out))
     assert image.GetSize() == (48, 40, 6)
     source = sitk.ReadImage(str(cases[0]))  # NIfTI geometry is float32; the .mha output keeps it exactly

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from mpcl import Segmenter
 from mpcl.model_package import MODEL_JSON, load_model_package
+from tests.segment_helpers import auto_cpu_backend
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_segmenter_runs_int8_on_cpu_and_keeps_geometry(int8_package):
 
     out, _ = int8_package
     segmenter = Segmenter.from_pretrained(out, device="cpu")
-    assert segmenter.backend.name == "onnxruntime" and segmenter.backend.precision == "int8"
+    assert segmenter.backend.name == auto_cpu_backend() and segmenter.backend.precision == "int8"
     assert "int8" in segmenter.backend.describe()
     fp32 = Segmenter.from_pretrained(out, device="cpu", precision="fp32")
     assert fp32.backend.precision == "fp32"
@@ -223,7 +224,7 @@ def test_distillation_trains_a_compact_student_and_reports_retention(checkpoint,
     )
     assert distillation["torch_eager_speedup"] > 0 and distillation["best_iteration"] in (2, 4)
     assert (tmp_path / "student.student.pt").is_file()
-    assert Segmenter.from_pretrained(out, device="cpu").backend.name == "onnxruntime"
+    assert Segmenter.from_pretrained(out, device="cpu").backend.name == auto_cpu_backend()
 
 
 def test_refused_student_writes_no_package_but_keeps_its_checkpoint(checkpoint, tmp_path):

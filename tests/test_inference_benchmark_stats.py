@@ -28,3 +28,25 @@ def test_a_constant_shift_has_no_paired_error_and_undefined_volumes_are_left_out
     mean, error = paired([0.5, 0.6, float("nan"), 0.7], [0.4, 0.5, 0.9, 0.6])
     assert mean == pytest.approx(10.0) and error == pytest.approx(0.0, abs=1e-9)
     assert math.isnan(paired([0.5], [0.4])[1])
+
+
+def test_rows_that_cannot_run_say_why(package_dir, tmp_path, monkeypatch):
+    """A bf16 row needs export's kept bf16 check; a row needs its files and its runtime."""
+    import json
+    import shutil
+
+    import mpcl.backends.openvino_backend as openvino_backend
+
+    skip_reason = _inference_benchmark().skip_reason
+    package = shutil.copytree(package_dir, tmp_path / "model")
+    missing = skip_reason(package, "onnxruntime", ("onnx", "onnx_int8"), "auto")
+    assert missing == "the package has no onnx_int8"
+    installed = openvino_backend.module_available("openvino")
+    assert (skip_reason(package, "openvino", ("onnx", "torch"), "fp32") is None) == installed
+    assert "did not check" in skip_reason(package, "openvino", ("onnx", "torch"), "bf16")
+    data = json.loads((package / "model.json").read_text())
+    data["files"]["onnx"][openvino_backend.BF16_RECORD] = {"kept": True}
+    (package / "model.json").write_text(json.dumps(data))
+    monkeypatch.setattr(openvino_backend, "bf16_unavailable", lambda: None)
+    reason = skip_reason(package, "openvino", ("onnx", "torch"), "bf16")
+    assert reason is None if installed else "openvino is not installed" in reason

@@ -19,7 +19,7 @@ from mpcl.model_package import (
     register_file,
     sha256_of,
 )
-from tests.segment_helpers import CLASS_NAMES, PATCH, make_checkpoint, make_package
+from tests.segment_helpers import CLASS_NAMES, PATCH, auto_cpu_backend, make_checkpoint, make_package
 
 
 @pytest.fixture
@@ -60,11 +60,21 @@ def test_package_checkpoint_is_slim_and_loadable(package_dir):
     assert state["metadata"]["class_names"] == CLASS_NAMES
 
 
-def test_auto_backend_is_onnxruntime_and_logged(package_dir, caplog):
+def test_auto_backend_is_the_fastest_installed_and_logged(package_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="mpcl.segment"):
+        segmenter = Segmenter.from_pretrained(package_dir, device="cpu")
+    assert segmenter.backend.name == auto_cpu_backend()
+    assert f"backend: {auto_cpu_backend()} on cpu" in caplog.text
+
+
+def test_auto_backend_without_openvino_is_onnxruntime_and_says_why(package_dir, caplog, monkeypatch):
+    import mpcl.backends.openvino_backend as openvino_backend
+
+    monkeypatch.setattr(openvino_backend, "module_available", lambda name: name != "openvino")
     with caplog.at_level(logging.INFO, logger="mpcl.segment"):
         segmenter = Segmenter.from_pretrained(package_dir, device="cpu")
     assert segmenter.backend.name == "onnxruntime"
-    assert "backend: onnxruntime on cpu" in caplog.text
+    assert "openvino on cpu: openvino is not installed" in caplog.text
 
 
 def test_torch_only_package_falls_back_to_torch(tmp_path):
@@ -77,7 +87,7 @@ def test_tensorrt_without_engine_is_a_clear_error(package_dir):
     with pytest.raises(ConfigError, match="no TensorRT engine"):
         Segmenter.from_pretrained(package_dir, backend="tensorrt")
     with pytest.raises(ConfigError, match="unknown backend"):
-        Segmenter.from_pretrained(package_dir, backend="openvino")
+        Segmenter.from_pretrained(package_dir, backend="coreml")
 
 
 @pytest.mark.parametrize("version", [2, 0, "1", None])

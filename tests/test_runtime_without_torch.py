@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.segment_helpers import auto_cpu_backend
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 RUNTIME_MODULES = [
@@ -21,6 +23,7 @@ RUNTIME_MODULES = [
     "mpcl.postprocessing",
     "mpcl.backends",
     "mpcl.backends.onnxruntime_backend",
+    "mpcl.backends.openvino_backend",
     "mpcl.segmenter",
     "mpcl.cli_segment",
 ]
@@ -117,7 +120,8 @@ def test_import_mpcl_does_no_work():
     code = (
         "import json, sys\n"
         "import mpcl\n"
-        "heavy = sorted(n for n in ('torch', 'onnxruntime', 'mpcl.segmenter') if n in sys.modules)\n"
+        "heavy = ('torch', 'onnxruntime', 'openvino', 'mpcl.segmenter')\n"
+        "heavy = sorted(n for n in heavy if n in sys.modules)\n"
         "from mpcl import Segmenter, load_model_package\n"
         "print(json.dumps([heavy, 'torch' in sys.modules]))\n"
     )
@@ -158,6 +162,6 @@ def test_segmenter_and_cli_run_without_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     backend, ok, code, torch_error, torch_loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (backend, ok, code, torch_loaded) == ("onnxruntime", True, 0, False)
+    assert (backend, ok, code, torch_loaded) == (auto_cpu_backend(), True, 0, False)
     assert "torch is not installed" in torch_error
     assert (tmp_path / "api.seg.nrrd").is_file() and (tmp_path / "cli.nii.gz").is_file()

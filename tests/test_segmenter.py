@@ -70,12 +70,23 @@ def _parity_cases():
     return cases
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.fixture(scope="module")
+def openvino_segmenter(package_dir):
+    pytest.importorskip("openvino", reason="the optional extra mpcl[openvino] is not installed")
+    return Segmenter.from_pretrained(package_dir, backend="openvino", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_segmenter(package_dir):
+    return Segmenter.from_pretrained(package_dir, backend="onnxruntime", device="cpu")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
 @pytest.mark.parametrize(
     ("label", "volume", "spacing"), _parity_cases(), ids=lambda v: v if isinstance(v, str) else ""
 )
 def test_probabilities_match_training_evaluation(
-    package_dir, segmenter, torch_segmenter, backend, label, volume, spacing
+    request, package_dir, segmenter, backend, label, volume, spacing
 ):
     import torch
 
@@ -94,7 +105,7 @@ def test_probabilities_match_training_evaluation(
         package.patch_size,
         torch.device("cpu"),
     )
-    runtime = segmenter if backend == "onnxruntime" else torch_segmenter
+    runtime = request.getfixturevalue(f"{backend}_segmenter")
     result = runtime((volume, spacing), probabilities=True)
     assert result.backend == backend
     assert result.probabilities.shape == expected.shape == (package.num_classes, *volume.shape)

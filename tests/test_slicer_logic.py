@@ -28,7 +28,7 @@ import vtk  # noqa: E402  (slicer-core depends on vtk)
 from vtk.util import numpy_support  # noqa: E402
 
 from mpcl import Segmenter  # noqa: E402
-from tests.segment_helpers import GEOMETRY, phantom_volume, sitk_image  # noqa: E402
+from tests.segment_helpers import GEOMETRY, auto_cpu_backend, phantom_volume, sitk_image  # noqa: E402
 
 PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "slicer" / "MPCLSegmentation"
 if str(PLUGIN) not in sys.path:
@@ -96,7 +96,7 @@ def test_logic_matches_the_runtime_on_an_oblique_anisotropic_volume(scene, segme
 
     output = segmenter.segment(volume, package_dir, SegmentOptions(device="cpu", uncertainty=True))
 
-    reference = Segmenter.from_pretrained(package_dir, "onnxruntime", "cpu")(
+    reference = Segmenter.from_pretrained(package_dir, "auto", "cpu")(
         sitk_image(array, GEOMETRY), uncertainty=True
     )
     foreground = [label for label in reference.labels.values() if label.value]
@@ -120,9 +120,10 @@ def test_logic_matches_the_runtime_on_an_oblique_anisotropic_volume(scene, segme
     assert display.GetColorNodeID() == "vtkMRMLColorTableNodeIron"
     assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
 
-    assert output.outcome.ok and (output.outcome.backend, output.outcome.device) == ("onnxruntime", "cpu")
+    backend = auto_cpu_backend()
+    assert output.outcome.ok and (output.outcome.backend, output.outcome.device) == (backend, "cpu")
     assert output.segmentation_node.GetAttribute(DEVICE_ATTRIBUTE) == "cpu"
-    assert output.segmentation_node.GetAttribute(BACKEND_ATTRIBUTE) == "onnxruntime"
+    assert output.segmentation_node.GetAttribute(BACKEND_ATTRIBUTE) == backend
     assert output.segmentation_node.GetSegmentation().ContainsRepresentation("Closed surface")  # 3D display
     assert _counts(scene, "vtkMRMLLabelMapVolumeNode") == 0  # the temporary import node is gone
     assert list((tmp_path / "work").iterdir()) == []  # the work folder is removed

@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from mpcl import cli_segment
+from tests.segment_helpers import auto_cpu_backend
 
 PLUGIN = Path(__file__).resolve().parents[1] / "plugins" / "slicer" / "MPCLSegmentation"
 if str(PLUGIN) not in sys.path:
@@ -61,7 +62,7 @@ def test_command_is_accepted_by_the_real_cli():
     assert (plain.device, plain.backend, plain.tta, plain.uncertainty) == ("auto", "auto", False, False)
 
 
-@pytest.mark.parametrize("options", [{"device": "gpu"}, {"device": "cuda:x"}, {"backend": "openvino"}])
+@pytest.mark.parametrize("options", [{"device": "gpu"}, {"device": "cuda:x"}, {"backend": "coreml"}])
 def test_options_are_validated(options):
     with pytest.raises(ValueError, match="device|backend"):
         SegmentOptions(**options)
@@ -74,8 +75,8 @@ def test_blocking_run_parses_the_real_cli_output(sample_file, tmp_path):
     progress = []
     outcome = run_blocking(command, OutputMonitor(), progress.append)
     assert outcome.ok, outcome.log
-    assert (outcome.backend, outcome.device, outcome.exit_code) == ("onnxruntime", "cpu", 0)
-    assert outcome.seconds is not None and "onnxruntime on cpu" in outcome.message
+    assert (outcome.backend, outcome.device, outcome.exit_code) == (auto_cpu_backend(), "cpu", 0)
+    assert outcome.seconds is not None and f"{auto_cpu_backend()} on cpu" in outcome.message
     fractions = [step.fraction for step in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) == 3
     assert output.is_file() and (tmp_path / "labels_uncertainty.nrrd").is_file()

@@ -138,17 +138,17 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "onnxruntime", "torch", "tensorrt"]),
+    type=click.Choice(["auto", "onnxruntime", "openvino", "torch", "tensorrt"]),
     default="auto",
     show_default=True,
     help="With --model: the runtime backend.",
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+    type=click.Choice(["auto", "fp32", "fp16", "int8", "bf16"]),
     default="auto",
     show_default=True,
-    help="With --model and ONNX Runtime: which ONNX file (auto: the fastest the package has).",
+    help="With --model and ONNX Runtime or OpenVINO: which precision (auto: the fastest checked one).",
 )
 @_friendly_errors
 def eval_main(

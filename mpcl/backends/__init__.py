@@ -5,8 +5,8 @@ shared by all backends, so a backend only has to run the network. Each backend m
 when it is chosen, so ``import mpcl`` never loads onnxruntime, torch or TensorRT.
 
 ``select_backend(package, "auto")`` tries, in order: TensorRT (an engine in the package and a GPU),
-ONNX Runtime with CUDA, torch with CUDA, ONNX Runtime on CPU, torch on CPU, and logs what it picked and
-why the faster ones were skipped.
+ONNX Runtime with CUDA, torch with CUDA, OpenVINO on CPU (an optional extra), ONNX Runtime on CPU, torch
+on CPU, and logs what it picked and why the faster ones were skipped.
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from mpcl.errors import ConfigError
+from mpcl.errors import ConfigError, ModelPackageError
 from mpcl.model_package import ModelPackage
 
 log = logging.getLogger("mpcl.segment")
 
-BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt")
+BACKEND_NAMES = ("onnxruntime", "openvino", "torch", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 _MODULES = {
     "onnxruntime": "mpcl.backends.onnxruntime_backend",
+    "openvino": "mpcl.backends.openvino_backend",
     "torch": "mpcl.backends.torch_backend",
     "tensorrt": "mpcl.backends.tensorrt_backend",
 }
@@ -63,6 +64,21 @@ def gpu_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
+def check_io_shape(path, what: str, shape, channels: int, patch: tuple[int, int]) -> None:
+    """Refuse a network file whose static channel or spatial sizes contradict model.json (``shape``: one
+    entry per axis, an int where the file fixes the size, anything else where it is dynamic)."""
+    if len(shape) != 4:
+        raise ModelPackageError(f"{path}: {what} has rank {len(shape)}; expected (N, C, H, W)")
+    expected = (None, channels, *patch)
+    for axis, (actual, wanted) in enumerate(zip(shape, expected, strict=True)):
+        if wanted is not None and isinstance(actual, int) and actual != wanted:
+            label = "channels/classes" if axis == 1 else "patch size"
+            raise ModelPackageError(
+                f"{path}: {what} shape {list(shape)} does not match model.json "
+                f"({label}: expected {expected[1] if axis == 1 else list(patch)})"
+            )
+
+
 def _check_device(device: str) -> str:
     if device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit()):
         return device
@@ -77,13 +93,14 @@ def _candidates(name: str, device: str) -> list[tuple[str, str]]:
         if device == "auto":
             return [(name, "cuda"), (name, "cpu")] if gpu_present() or name == "tensorrt" else [(name, "cpu")]
         return [(name, device)]
+    cpu = [("openvino", "cpu"), ("onnxruntime", "cpu"), ("torch", "cpu")]
     if device == "cpu":
-        return [("onnxruntime", "cpu"), ("torch", "cpu")]
+        return cpu
     gpu = [("tensorrt", device if device != "auto" else "cuda")]
     gpu += [("onnxruntime", gpu[0][1]), ("torch", gpu[0][1])]
     if device != "auto":
         return gpu
-    return (gpu if gpu_present() else []) + [("onnxruntime", "cpu"), ("torch", "cpu")]
+    return (gpu if gpu_present() else []) + cpu
 
 
 def select_backend(package: ModelPackage, name: str = "auto", device: str = "auto", **options) -> Backend:

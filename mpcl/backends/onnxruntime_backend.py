@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpcl.backends import module_available
+from mpcl.backends import check_io_shape, module_available
 from mpcl.errors import ModelPackageError
 from mpcl.model_package import ONNX_ROLES, ModelPackage
 
@@ -18,6 +18,8 @@ PRECISIONS = ("auto", *ONNX_ROLES)
 
 def onnx_role(package: ModelPackage, device: str, precision: str = "auto") -> str:
     """The package file role to run: the precision asked for, or the fastest one present for ``device``."""
+    if precision == "bf16":
+        raise ModelPackageError("bf16 runs on the OpenVINO backend only (pip install mpcl[openvino])")
     if precision not in PRECISIONS:
         raise ModelPackageError(f"unknown ONNX precision {precision!r}; expected one of {list(PRECISIONS)}")
     if precision != "auto":
@@ -83,8 +85,8 @@ class OnnxRuntimeBackend:
         if len(inputs) != 1 or not outputs:
             raise ModelPackageError(f"{path}: expected one input and a logits output")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
-        _check_shape(path, "input", inputs[0].shape, package.in_channels, package.patch_size)
-        _check_shape(path, "output", outputs[0].shape, package.num_classes, package.patch_size)
+        check_io_shape(path, "input", inputs[0].shape, package.in_channels, package.patch_size)
+        check_io_shape(path, "output", outputs[0].shape, package.num_classes, package.patch_size)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         logits = self.session.run([self.output_name], {self.input_name: batch})[0]
@@ -92,20 +94,6 @@ class OnnxRuntimeBackend:
 
     def describe(self) -> str:
         return f"onnxruntime {self.version}, {self.session.get_providers()[0]}, {self.precision}"
-
-
-def _check_shape(path, what: str, shape, channels: int, patch: tuple[int, int]) -> None:
-    """Refuse an ONNX file whose static channel or spatial sizes contradict model.json."""
-    if len(shape) != 4:
-        raise ModelPackageError(f"{path}: {what} has rank {len(shape)}; expected (N, C, H, W)")
-    expected = (None, channels, *patch)
-    for axis, (actual, wanted) in enumerate(zip(shape, expected, strict=True)):
-        if wanted is not None and isinstance(actual, int) and actual != wanted:
-            label = "channels/classes" if axis == 1 else "patch size"
-            raise ModelPackageError(
-                f"{path}: {what} shape {list(shape)} does not match model.json "
-                f"({label}: expected {expected[1] if axis == 1 else list(patch)})"
-            )
 
 
 def create(

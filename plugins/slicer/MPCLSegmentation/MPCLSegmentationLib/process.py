@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SEGMENT_MODULE = "mpcl.cli_segment"
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "torch", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 EXIT_OK, EXIT_CASE_FAILED, EXIT_NOT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 130
 TERMINATE_GRACE_SECONDS = 3.0

@@ -1,0 +1,145 @@
+"""OpenVINO backend (optional extra ``mpcl[openvino]``): the package's ONNX graphs on OpenVINO's CPU plugin.
+
+Why a second CPU runtime: on the AVX-512 machine of benchmarks/results/inference_cpu_openvino.json its
+convolutions are faster than ONNX Runtime's at every width we ship, and on CPUs with native bf16
+arithmetic (AVX512_BF16, AMX) it can run the fp32 graph in bf16, about twice as fast again.
+
+Precisions, all from files already in the package (OpenVINO reads ONNX directly):
+
+- ``fp32``: the fp32 graph with f32 inference precision (same labels as ONNX Runtime's fp32);
+- ``bf16``: the same graph with bf16 inference precision. Lossy, so ``auto`` uses it only where
+  ``mpcl-export --bf16`` recorded a passed Dice check (``files.onnx.openvino_bf16``) and this CPU has
+  native bf16; asking for it on a CPU without is refused (OpenVINO would silently run f32);
+- ``int8``: the QDQ graph ``mpcl-export --int8`` kept; ``fp16``: the fp16 graph, as its Cast nodes say.
+
+``auto`` runs the first of bf16 (checked), int8 (kept), fp32 the package and CPU allow, the same order
+of preference as the ONNX Runtime backend's int8-before-fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mpcl.backends import check_io_shape, module_available
+from mpcl.errors import ModelPackageError
+from mpcl.model_package import ModelPackage
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+BF16_RECORD = "openvino_bf16"  # key of the export's bf16 check inside files.onnx
+_ROLES = {"fp32": "onnx", "bf16": "onnx", "int8": "onnx_int8", "fp16": "onnx_fp16"}
+# int8 and fp16 graphs run as their (De)Quantize / Cast nodes say
+_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "fp16": "f32"}
+
+
+def cpu_has_bf16(core: Any | None = None) -> bool:
+    """Whether OpenVINO's CPU plugin reports native bf16 arithmetic on this machine."""
+    import openvino
+
+    core = core or openvino.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def bf16_unavailable() -> str | None:
+    """Why this machine cannot run OpenVINO in bf16 (so ``mpcl-export --bf16`` cannot check it), or None."""
+    if not module_available("openvino"):
+        return "openvino is not installed (pip install mpcl[openvino])"
+    if not cpu_has_bf16():
+        return "this CPU has no native bf16 arithmetic (AVX512_BF16 or AMX), so OpenVINO would run f32"
+    return None
+
+
+def bf16_checked(package: ModelPackage) -> bool:
+    """Whether mpcl-export recorded that the bf16 run of the fp32 graph passed its Dice check."""
+    onnx = package.files.get("onnx")
+    record = onnx.info.get(BF16_RECORD) if onnx is not None else None
+    return bool(isinstance(record, dict) and record.get("kept"))
+
+
+def openvino_precision(package: ModelPackage, precision: str, bf16_native: bool) -> str:
+    """The precision to run: the one asked for (refused if the package or CPU cannot), or ``auto``'s pick."""
+    if precision not in PRECISIONS:
+        raise ModelPackageError(f"unknown OpenVINO precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "auto":
+        if bf16_native and bf16_checked(package):
+            return "bf16"
+        return "int8" if package.has("onnx_int8") else "fp32"
+    if not package.has(_ROLES[precision]):
+        role = _ROLES[precision]
+        raise ModelPackageError(f"{package.root}: the package has no {role} file for {precision}")
+    if precision == "bf16" and not bf16_native:
+        raise ModelPackageError("bf16 needs a CPU with native bf16 arithmetic (AVX512_BF16 or AMX)")
+    return precision
+
+
+def unavailable_reason(package: ModelPackage, device: str) -> str | None:
+    if not device.startswith("cpu"):
+        return "mpcl runs OpenVINO on the CPU only"
+    if not package.has("onnx"):
+        return "the package has no ONNX file"
+    if not module_available("openvino"):
+        return "openvino is not installed (pip install mpcl[openvino])"
+    return None
+
+
+def _static_dims(partial_shape) -> list[int | None]:
+    return [dim.get_length() if dim.is_static else None for dim in partial_shape]
+
+
+class OpenVinoBackend:
+    """One compiled model for the CPU, built once, tuned for latency; ``run`` feeds whole batches."""
+
+    name = "openvino"
+
+    def __init__(
+        self, package: ModelPackage, device: str = "cpu", threads: int | None = None, precision: str = "auto"
+    ) -> None:
+        import openvino
+
+        core = openvino.Core()
+        self.precision = openvino_precision(package, precision, cpu_has_bf16(core))
+        path = package.path_of(_ROLES[self.precision])
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[self.precision],
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            model = core.read_model(str(path))
+            inputs, outputs = model.inputs, model.outputs
+            if len(inputs) != 1 or not outputs:
+                raise ModelPackageError(f"{path}: expected one input and a logits output")
+            check_io_shape(
+                path, "input", _static_dims(inputs[0].partial_shape), package.in_channels, package.patch_size
+            )
+            check_io_shape(
+                path,
+                "output",
+                _static_dims(outputs[0].partial_shape),
+                package.num_classes,
+                package.patch_size,
+            )
+            self.compiled = core.compile_model(model, "CPU", config)
+        except ModelPackageError:
+            raise
+        except Exception as error:  # openvino raises RuntimeError subclasses with multi-line messages
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelPackageError(f"{path}: cannot be loaded by OpenVINO ({first[:200]})") from None
+        self.request = self.compiled.create_infer_request()
+        self.device = "cpu"
+        self.version = openvino.__version__.split("-")[0]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        logits = self.request.infer({0: batch})[0]  # a copy: the next call does not overwrite it
+        return np.asarray(logits, dtype=np.float32)
+
+    def describe(self) -> str:
+        return f"openvino {self.version}, CPU, {self.precision}"
+
+
+def create(
+    package: ModelPackage, device: str, threads: int | None = None, precision: str = "auto", **_ignored
+) -> OpenVinoBackend:
+    return OpenVinoBackend(package, device, threads, precision)
