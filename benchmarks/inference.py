@@ -1,9 +1,12 @@
 """Inference latency, peak memory and test Dice of deployment variants, one Segmenter per row.
 
 Rows (``--rows``): ``torch`` (eager, model.pt), ``ort_fp32`` and ``ort_int8`` (ONNX Runtime on the
-package's fp32 / int8 graph) and, given ``--student-package`` (from ``mpcl-export --distill``),
-``student_fp32`` and ``student_int8``. Each row sees a view of its package holding only the files it may
-use, so ``Segmenter``'s own backend choice is what is measured. Cases: ACDC test volumes (h5 converted to
+package's fp32 / int8 graph), ``ov_fp32`` and ``ov_bf16`` (OpenVINO on the fp32 graph, in f32 / bf16)
+and, given ``--student-package`` (from ``mpcl-export --distill``), the same as ``student_fp32``,
+``student_int8``, ``student_ov_fp32`` and ``student_ov_bf16``. Each row sees a view of its package holding
+only the files it may use, so ``Segmenter``'s own backend choice is what is measured; the OpenVINO rows
+name their precision, and a bf16 row runs only where ``mpcl-export --bf16`` kept bf16 for that package
+(a row that cannot run is listed as skipped, with the reason). Cases: ACDC test volumes (h5 converted to
 NIfTI; ~10 slices of 256x216) and a synthetic CT-sized volume (512x512x100, int16). Each (row, case set)
 runs in its own child process, so its peak RSS is its own. Latency is end to end from the file on disk
 to the label array (read, normalise, resize to the patch, network, softmax, resize back, argmax),
@@ -14,8 +17,8 @@ metric code). The table gives every row's speed-up over torch eager and Dice cha
 mean per-volume change, with its paired standard error: how much of a change 40 volumes can resolve);
 the goal is a row at least 4x faster with at most 1 Dice point lost. Usage:
 
-    mpcl-export runs/x/best.pt -o runs/x/model_int8 --onnx --int8
-    mpcl-export runs/x/best.pt -o runs/x/student --onnx --int8 --distill configs/distill/small.yaml
+    mpcl-export runs/x/best.pt -o runs/x/model_int8 --onnx --int8 --bf16
+    mpcl-export runs/x/best.pt -o runs/x/student --onnx --int8 --bf16 --distill configs/distill/small.yaml
     python benchmarks/inference.py --package runs/x/model_int8 --student-package runs/x/student
     python benchmarks/inference.py --quick --package runs/x/model_int8   # a smoke run in a minute
 
@@ -74,22 +77,45 @@ def make_default_package(folder: Path) -> Path:
     return folder / "model"
 
 
-# row -> (which package, backend, package file roles the row may use)
+# row -> (which package, backend, package file roles the row may use, precision); "auto" rows measure
+# Segmenter's own choice among the files of their view
 ROWS = {
-    "torch": ("main", "torch", ("torch",)),
-    "ort_fp32": ("main", "onnxruntime", ("onnx", "torch")),
-    "ort_int8": ("main", "onnxruntime", ("onnx", "onnx_int8", "torch")),
-    "student_fp32": ("student", "onnxruntime", ("onnx", "torch")),
-    "student_int8": ("student", "onnxruntime", ("onnx", "onnx_int8", "torch")),
+    "torch": ("main", "torch", ("torch",), "auto"),
+    "ort_fp32": ("main", "onnxruntime", ("onnx", "torch"), "auto"),
+    "ort_int8": ("main", "onnxruntime", ("onnx", "onnx_int8", "torch"), "auto"),
+    "ov_fp32": ("main", "openvino", ("onnx", "torch"), "fp32"),
+    "ov_bf16": ("main", "openvino", ("onnx", "torch"), "bf16"),
+    "student_fp32": ("student", "onnxruntime", ("onnx", "torch"), "auto"),
+    "student_int8": ("student", "onnxruntime", ("onnx", "onnx_int8", "torch"), "auto"),
+    "student_ov_fp32": ("student", "openvino", ("onnx", "torch"), "fp32"),
+    "student_ov_bf16": ("student", "openvino", ("onnx", "torch"), "bf16"),
 }
+
 GOAL_SPEEDUP, GOAL_MAX_DICE_DROP_POINTS = 4.0, 1.0
 
 
-def package_view(package: Path, roles: tuple[str, ...], folder: Path) -> Path | None:
-    """A package folder listing only ``roles`` (files linked, not copied), or None if one is missing."""
+def skip_reason(package: Path, backend: str, roles: tuple[str, ...], precision: str) -> str | None:
+    """Why a row cannot run on ``package`` (a file missing, its runtime absent, bf16 not checked), or None."""
+    from mpcl.backends import module_available
+
     data = json.loads((package / "model.json").read_text())
     if not set(roles) <= set(data["files"]):
-        return None
+        return f"the package has no {', '.join(sorted(set(roles) - set(data['files'])))}"
+    if backend == "openvino" and not module_available("openvino"):
+        return "openvino is not installed (pip install mpcl[openvino])"
+    if precision == "bf16":
+        from mpcl.backends.openvino_backend import BF16_RECORD, bf16_unavailable
+
+        verdict = data["files"]["onnx"].get(BF16_RECORD)
+        if not (verdict or {}).get("kept"):
+            return "mpcl-export --bf16 did not check (or refused) bf16 for this package"
+        return bf16_unavailable()
+    return None
+
+
+def package_view(package: Path, roles: tuple[str, ...], folder: Path) -> Path:
+    """A package folder listing only ``roles`` (files linked, not copied)."""
+    data = json.loads((package / "model.json").read_text())
     folder.mkdir(parents=True)
     data["files"] = {role: data["files"][role] for role in roles}
     for entry in data["files"].values():
@@ -167,7 +193,12 @@ def worker(spec: dict) -> dict:
 
     started = time.perf_counter()
     segmenter = Segmenter.from_pretrained(
-        spec["package"], spec["backend"], "cpu", threads=spec["threads"], batch_size=spec["batch_size"]
+        spec["package"],
+        spec["backend"],
+        "cpu",
+        threads=spec["threads"],
+        batch_size=spec["batch_size"],
+        precision=spec.get("precision", "auto"),
     )
     load_seconds = time.perf_counter() - started
     rss_after_load = _rss_mib()
@@ -327,11 +358,15 @@ def main() -> None:
         )
         report_rows, skipped = {}, {}
         for row in args.rows.split(","):
-            which, backend, roles = ROWS[row]
-            view = packages[which] and package_view(packages[which], roles, scratch / "views" / row)
-            if not view:
-                skipped[row] = f"no {which} package with {', '.join(roles)}"
+            which, backend, roles, precision = ROWS[row]
+            if packages[which] is None:
+                skipped[row] = f"no {which} package"
                 continue
+            reason = skip_reason(packages[which], backend, roles, precision)
+            if reason is not None:
+                skipped[row] = reason
+                continue
+            view = package_view(packages[which], roles, scratch / "views" / row)
             for kind, paths in cases.items():
                 if not paths:
                     continue
@@ -339,6 +374,7 @@ def main() -> None:
                     "row": row,
                     "package": str(view),
                     "backend": backend,
+                    "precision": precision,
                     "cases": paths,
                     "labelled": labelled if kind == "acdc" else [],
                     "repeats": args.repeats,

@@ -10,7 +10,9 @@ For one package's fp32 graph on a batch of slices (default: a randomly initialis
   FLOPs / peak for both peaks;
 - the session's latency (median and min over repeats; the session settings are the runtime's own,
   ``onnxruntime_backend.session_options``), and ONNX Runtime's own profile (each node's median over the
-  runs, summed per operator type), with the convolutions' achieved GFLOP/s.
+  runs, summed per operator type), with the convolutions' achieved GFLOP/s;
+- where the optional extra is installed, the OpenVINO backend's latency on the same batch (f32, and bf16
+  on CPUs with native bf16), the fp32 one against the same floor.
 
     python benchmarks/ort_profile.py                       # random 256x256 U-Net, 10 slices
     python benchmarks/ort_profile.py --package runs/x/model --batch 10 --output ...
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import shutil
@@ -164,8 +167,26 @@ def profile_session(onnx_path: Path, batch: np.ndarray, threads: int, repeats: i
     }
 
 
-def _package_onnx(args, scratch: Path) -> tuple[Path, Path, tuple[int, int], str]:
-    """The fp32 graph (its FLOPs), the graph to profile (fp32 or int8), the patch size and a label."""
+def openvino_latencies(package, batch: np.ndarray, threads: int, repeats: int) -> dict:
+    """The OpenVINO backend's median latency on the same batch, f32 and (on native-bf16 CPUs) bf16, or
+    why it could not run: the other CPU runtime mpcl ships, measured against the same floor."""
+    from mpcl.backends import module_available
+
+    if not module_available("openvino"):
+        return {"skipped": "openvino is not installed (pip install mpcl[openvino])"}
+    from mpcl.backends.openvino_backend import OpenVinoBackend, cpu_has_bf16
+
+    measured = {}
+    for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
+        run = functools.partial(OpenVinoBackend(package, "cpu", threads, precision).run, batch)
+        run()
+        latencies = [_seconds(run) for _ in range(repeats)]
+        measured[precision] = {"median_s": statistics.median(latencies), "min_s": min(latencies)}
+    return measured
+
+
+def _package_onnx(args, scratch: Path):
+    """The package, its fp32 graph (FLOPs), the graph to profile (fp32 or int8), the patch size, a label."""
     from mpcl.model_package import load_model_package
 
     if args.package is None:
@@ -178,7 +199,7 @@ def _package_onnx(args, scratch: Path) -> tuple[Path, Path, tuple[int, int], str
         folder, label = args.package, f"package {args.package}"
     package = load_model_package(folder)
     profiled = package.path_of("onnx" if args.precision == "fp32" else "onnx_int8")
-    return package.path_of("onnx"), profiled, tuple(package.patch_size), f"{label}, {args.precision}"
+    return package, package.path_of("onnx"), profiled, tuple(package.patch_size), f"{label}, {args.precision}"
 
 
 def main() -> None:
@@ -200,12 +221,13 @@ def main() -> None:
         scratch = Path(scratch)
         if args.precision == "int8" and args.package is None:
             parser.error("--precision int8 needs --package (a package with an int8 graph)")
-        onnx_path, profiled_path, patch, label = _package_onnx(args, scratch)
+        package, onnx_path, profiled_path, patch, label = _package_onnx(args, scratch)
         fma, fma_how = fma_peak_gflops(args.threads, scratch)
         sgemm = sgemm_gflops()
         flops = conv_flops(onnx_path, args.batch, *patch)
         batch = np.random.default_rng(0).random((args.batch, 1, *patch), dtype=np.float32)
         measured = profile_session(profiled_path, batch, args.threads, args.repeats, scratch)
+        openvino = openvino_latencies(package, batch, args.threads, args.repeats)
 
     total_gflop = sum(flops.values()) / 1e9
     family_seconds = collections.Counter()  # Conv / ConvTranspose time, whatever the precision's op names
@@ -230,7 +252,10 @@ def main() -> None:
             op: value / 1e9 / family_seconds[op] for op, value in flops.items() if family_seconds.get(op)
         },
         "non_conv_share_of_profile": 1 - conv_seconds / profiled_seconds if profiled_seconds else None,
+        "openvino": openvino,
     }
+    if "fp32" in openvino and "fma_peak" in floors:  # bf16 is not bound by the fp32 floor: no ratio
+        openvino["fp32"]["over_fma_floor"] = openvino["fp32"]["median_s"] / floors["fma_peak"]
     for line in _table(report):
         print(line)
     write_report(report, args.output)
@@ -260,6 +285,12 @@ def _table(report: dict) -> list[str]:
         lines.append(
             f"convolutions achieve {report['conv_gflops_achieved']:.1f} GFLOP/s in the profile ({by_op})"
         )
+    for precision, result in report["openvino"].items():
+        if precision == "skipped":
+            lines.append(f"openvino: skipped ({result})")
+            continue
+        ratio = f", {result['over_fma_floor']:.2f}x the fp32 FMA floor" if "over_fma_floor" in result else ""
+        lines.append(f"openvino {precision}: median {result['median_s']:.3f} s{ratio}")
     return lines
 
 
