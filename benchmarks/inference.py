@@ -102,7 +102,9 @@ def skip_reason(package: Path, backend: str, roles: tuple[str, ...], precision: 
     if not set(roles) <= set(data["files"]):
         return f"the package has no {', '.join(sorted(set(roles) - set(data['files'])))}"
     if backend == "openvino" and not module_available("openvino"):
-        return "openvino is not installed (pip install mpcl[openvino])"
+        from mpcl.backends.openvino_backend import NOT_INSTALLED
+
+        return NOT_INSTALLED
     if precision == "bf16":
         from mpcl.backends.openvino_backend import BF16_RECORD, bf16_unavailable
 

@@ -171,10 +171,10 @@ def openvino_latencies(package, batch: np.ndarray, threads: int, repeats: int) -
     """The OpenVINO backend's median latency on the same batch, f32 and (on native-bf16 CPUs) bf16, or
     why it could not run: the other CPU runtime mpcl ships, measured against the same floor."""
     from mpcl.backends import module_available
+    from mpcl.backends.openvino_backend import NOT_INSTALLED, OpenVinoBackend, cpu_has_bf16
 
     if not module_available("openvino"):
-        return {"skipped": "openvino is not installed (pip install mpcl[openvino])"}
-    from mpcl.backends.openvino_backend import OpenVinoBackend, cpu_has_bf16
+        return {"skipped": NOT_INSTALLED}
 
     measured = {}
     for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):

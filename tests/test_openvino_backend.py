@@ -55,7 +55,7 @@ def test_openvino_is_cpu_only_and_optional(package_dir, monkeypatch):
     package = load_model_package(package_dir)
     assert "CPU only" in openvino_backend.unavailable_reason(package, "cuda")
     monkeypatch.setattr(openvino_backend, "module_available", lambda name: False)
-    assert "pip install mpcl[openvino]" in openvino_backend.unavailable_reason(package, "cpu")
+    assert "pip install 'mpcl[openvino]'" in openvino_backend.unavailable_reason(package, "cpu")
     assert "not installed" in openvino_backend.bf16_unavailable()
 
 

@@ -19,7 +19,7 @@ PRECISIONS = ("auto", *ONNX_ROLES)
 def onnx_role(package: ModelPackage, device: str, precision: str = "auto") -> str:
     """The package file role to run: the precision asked for, or the fastest one present for ``device``."""
     if precision == "bf16":
-        raise ModelPackageError("bf16 runs on the OpenVINO backend only (pip install mpcl[openvino])")
+        raise ModelPackageError("bf16 runs on the OpenVINO backend only (pip install 'mpcl[openvino]')")
     if precision not in PRECISIONS:
         raise ModelPackageError(f"unknown ONNX precision {precision!r}; expected one of {list(PRECISIONS)}")
     if precision != "auto":

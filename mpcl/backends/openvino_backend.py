@@ -27,6 +27,7 @@ from mpcl.errors import ModelPackageError
 from mpcl.model_package import ModelPackage
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+NOT_INSTALLED = "openvino is not installed (pip install 'mpcl[openvino]')"
 BF16_RECORD = "openvino_bf16"  # key of the export's bf16 check inside files.onnx
 _ROLES = {"fp32": "onnx", "bf16": "onnx", "int8": "onnx_int8", "fp16": "onnx_fp16"}
 # int8 and fp16 graphs run as their (De)Quantize / Cast nodes say
@@ -44,7 +45,7 @@ def cpu_has_bf16(core: Any | None = None) -> bool:
 def bf16_unavailable() -> str | None:
     """Why this machine cannot run OpenVINO in bf16 (so ``mpcl-export --bf16`` cannot check it), or None."""
     if not module_available("openvino"):
-        return "openvino is not installed (pip install mpcl[openvino])"
+        return NOT_INSTALLED
     if not cpu_has_bf16():
         return "this CPU has no native bf16 arithmetic (AVX512_BF16 or AMX), so OpenVINO would run f32"
     return None
@@ -79,7 +80,7 @@ def unavailable_reason(package: ModelPackage, device: str) -> str | None:
     if not package.has("onnx"):
         return "the package has no ONNX file"
     if not module_available("openvino"):
-        return "openvino is not installed (pip install mpcl[openvino])"
+        return NOT_INSTALLED
     return None
 
 
