@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from click.testing import CliRunner
 
 from mpcl import Segmenter
@@ -148,3 +149,26 @@ def test_export_bf16_without_openvino_stops_before_writing(checkpoint, tmp_path,
     with pytest.raises(InputError, match="--bf16: openvino is not installed"):
         export_package(checkpoint, tmp_path / "model", ExportOptions(bf16=True, progress=False))
     assert not (tmp_path / "model").exists()
+
+
+# -- mpcl-segment ------------------------------------------------------------------------------------------
+def test_cli_runs_openvino_and_refuses_bf16_elsewhere(package_dir, tmp_path, capsys):
+    from mpcl.cli_segment import segment_main
+    from mpcl.io import write_image
+    from tests.segment_helpers import GEOMETRY, phantom_volume
+
+    pytest.importorskip("openvino", reason="the optional extra mpcl[openvino] is not installed")
+    scan = write_image(phantom_volume(), GEOMETRY, tmp_path / "scan.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    args = [str(scan), "-o", str(out), "--model", str(package_dir), "--device", "cpu"]
+    assert segment_main([*args, "--backend", "openvino", "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out.strip().endswith("s, openvino)")
+    expected = Segmenter.from_pretrained(package_dir, "onnxruntime", "cpu", precision="fp32")(scan).label_map
+    written = sitk.ReadImage(str(out))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), expected)
+    assert written.GetSpacing() == sitk.ReadImage(str(scan)).GetSpacing()
+    refused = tmp_path / "refused.nii.gz"
+    args[2] = str(refused)
+    assert segment_main([*args, "--backend", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "bf16 runs on the OpenVINO backend only" in capsys.readouterr().err
+    assert not refused.exists()
