@@ -103,7 +103,12 @@ def _resize_axis_linear(data: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     shape = [1] * data.ndim
     shape[axis] = n_out
     frac = frac.reshape(shape)
-    return np.take(data, low, axis=axis) * (1 - frac) + np.take(data, high, axis=axis) * frac
+    result = np.take(data, low, axis=axis)  # a * (1 - f) + b * f, in place: fewer fresh arrays
+    result *= 1 - frac
+    upper = np.take(data, high, axis=axis)
+    upper *= frac
+    result += upper
+    return result
 
 
 def _resize_axis_nearest(data: np.ndarray, axis: int, n_out: int) -> np.ndarray:
@@ -124,23 +129,25 @@ def resize_2d(data: np.ndarray, out_hw: tuple[int, int], order: int = 1) -> np.n
     if data.shape[-2:] == (out_h, out_w):
         return data.copy()
     resize_axis = _resize_axis_linear if order == 1 else _resize_axis_nearest
-    work = data.astype(np.float32) if order == 1 else data
+    work = np.asarray(data, dtype=np.float32) if order == 1 else data  # read only: no copy needed
     work = resize_axis(work, data.ndim - 2, out_h)
-    work = resize_axis(work, data.ndim - 1, out_w)
-    return work.astype(np.float32) if order == 1 else work
+    return resize_axis(work, data.ndim - 1, out_w)
 
 
 def _first_argmax(scores: list[np.ndarray]) -> np.ndarray:
-    """``np.stack(scores).argmax(axis=0)`` (ties to the lowest index) with one contiguous pass per class.
+    """``np.stack(scores).argmax(axis=0)`` as uint8 (ties to the lowest index; at most 256 classes), with
+    one contiguous pass per class.
 
     numpy's argmax over a short strided class axis is several times slower than these whole-array
-    comparisons, and label maps have only a handful of classes.
+    comparisons, and label maps have only a handful of classes. The running maximum and the winner are
+    updated in place: fresh arrays per class cost page faults that matter at these sizes.
     """
-    best, winner = scores[0], np.zeros(scores[0].shape, dtype=np.intp)
+    best, winner = np.array(scores[0], dtype=np.float32), np.zeros(scores[0].shape, dtype=np.uint8)
+    better = np.empty(scores[0].shape, dtype=bool)
     for index, score in enumerate(scores[1:], start=1):
-        better = score > best
-        best = np.where(better, score, best)
-        winner[better] = index
+        np.greater(score, best, out=better)
+        np.copyto(best, score, where=better)
+        np.copyto(winner, index, where=better)
     return winner
 
 
@@ -168,16 +175,16 @@ def resized_argmax(
         raise InputError(f"resized_argmax returns uint8 labels, so at most 256 classes, got {classes}")
     y0, y1, fy = _axis_neighbours(h, out_h)
     x0, x1, fx = _axis_neighbours(w, out_w)
-    coarse = _first_argmax(list(data.transpose(1, 0, 2, 3))).astype(np.uint16)  # (b, h, w)
+    coarse = _first_argmax(list(data.transpose(1, 0, 2, 3)))  # (b, h, w) uint8
     # mixed[i, j]: the source cell with corners (i, j) and (i + 1, j + 1), edge-clamped, has two classes
-    padded = np.pad(coarse, ((0, 0), (0, 1), (0, 1)), mode="edge")
-    corner = padded[:, :-1, :-1]
-    mixed = (corner != padded[:, 1:, :-1]) | (corner != padded[:, :-1, 1:]) | (corner != padded[:, 1:, 1:])
-    code = coarse | (mixed.astype(np.uint16) << 15)  # class in the low byte, the cell's flag in the top bit
+    # (at the last row or column the clamped corners repeat the cell's own, so fewer pairs are compared)
+    mixed = np.zeros(coarse.shape, dtype=bool)
+    mixed[:, :-1, :] |= coarse[:, :-1, :] != coarse[:, 1:, :]
+    mixed[:, :, :-1] |= coarse[:, :, :-1] != coarse[:, :, 1:]
+    mixed[:, :-1, :-1] |= coarse[:, :-1, :-1] != coarse[:, 1:, 1:]
     cell = (y0[:, None] * w + x0[None, :]).ravel()  # each output pixel's source cell, flat
-    gathered = np.take(code.reshape(batch, h * w), cell, axis=1).reshape(batch, out_h, out_w)
-    labels = (gathered & np.uint16(0xFF)).astype(np.uint8)
-    flat = np.flatnonzero(gathered >= 1 << 15)  # one index array: ~7x faster than a 3D nonzero here
+    labels = np.take(coarse.reshape(batch, h * w), cell, axis=1).reshape(batch, out_h, out_w)
+    flat = np.flatnonzero(np.take(mixed.reshape(batch, h * w), cell, axis=1))  # ~7x faster than 3D nonzero
     b, within = np.divmod(flat, out_h * out_w)
     y, x = np.divmod(within, out_w)
     if b.size:
