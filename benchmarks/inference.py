@@ -1,9 +1,10 @@
 """Inference latency, peak memory and test Dice of deployment variants, one Segmenter per row.
 
 Rows (``--rows``): ``torch`` (eager, model.pt), ``ort_fp32`` and ``ort_int8`` (ONNX Runtime on the
-package's fp32 / int8 graph), ``ov_fp32`` and ``ov_bf16`` (OpenVINO on the fp32 graph, in f32 / bf16)
-and, given ``--student-package`` (from ``mpcl-export --distill``), the same as ``student_fp32``,
-``student_int8``, ``student_ov_fp32`` and ``student_ov_bf16``. Each row sees a view of its package holding
+package's fp32 / int8 graph), ``ov_fp32``, ``ov_int8`` and ``ov_bf16`` (OpenVINO on the fp32 graph in
+f32, on the int8 graph, on the fp32 graph in bf16) and, given ``--student-package`` (from ``mpcl-export
+--distill``), the same as ``student_fp32``, ``student_int8``, ``student_ov_fp32``, ``student_ov_int8`` and
+``student_ov_bf16``. Each row sees a view of its package holding
 only the files it may use, so ``Segmenter``'s own backend choice is what is measured; the OpenVINO rows
 name their precision, and a bf16 row runs only where ``mpcl-export --bf16`` kept bf16 for that package
 (a row that cannot run is listed as skipped, with the reason). Cases: ACDC test volumes (h5 converted to
@@ -84,10 +85,12 @@ ROWS = {
     "ort_fp32": ("main", "onnxruntime", ("onnx", "torch"), "auto"),
     "ort_int8": ("main", "onnxruntime", ("onnx", "onnx_int8", "torch"), "auto"),
     "ov_fp32": ("main", "openvino", ("onnx", "torch"), "fp32"),
+    "ov_int8": ("main", "openvino", ("onnx", "onnx_int8", "torch"), "int8"),
     "ov_bf16": ("main", "openvino", ("onnx", "torch"), "bf16"),
     "student_fp32": ("student", "onnxruntime", ("onnx", "torch"), "auto"),
     "student_int8": ("student", "onnxruntime", ("onnx", "onnx_int8", "torch"), "auto"),
     "student_ov_fp32": ("student", "openvino", ("onnx", "torch"), "fp32"),
+    "student_ov_int8": ("student", "openvino", ("onnx", "onnx_int8", "torch"), "int8"),
     "student_ov_bf16": ("student", "openvino", ("onnx", "torch"), "bf16"),
 }
 
