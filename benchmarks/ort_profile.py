@@ -182,7 +182,32 @@ def openvino_latencies(package, batch: np.ndarray, threads: int, repeats: int) -
         run()
         latencies = [_seconds(run) for _ in range(repeats)]
         measured[precision] = {"median_s": statistics.median(latencies), "min_s": min(latencies)}
+    measured["fp32"]["profile_s_per_run"] = openvino_profile(package, batch, threads, repeats)
     return measured
+
+
+def openvino_profile(package, batch: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
+    """OpenVINO's own per-node timings of the fp32 graph (the backend's settings plus PERF_COUNT), each
+    node type's time summed over the graph, median over the runs; profiling adds a little to each node."""
+    import openvino
+
+    from mpcl.backends.openvino_backend import compile_config
+
+    config = {**compile_config("fp32", threads), "PERF_COUNT": True}
+    compiled = openvino.Core().compile_model(str(package.path_of("onnx")), "CPU", config)
+    request = compiled.create_infer_request()
+    request.infer({0: batch})
+    per_run = collections.defaultdict(list)
+    for _ in range(repeats):
+        request.infer({0: batch})
+        totals = collections.Counter()
+        for node in request.get_profiling_info():
+            if node.status == node.Status.EXECUTED:
+                totals[node.node_type] += node.real_time.total_seconds()
+        for node_type, seconds in totals.items():
+            per_run[node_type].append(seconds)
+    medians = {node_type: statistics.median(values) for node_type, values in per_run.items()}
+    return dict(sorted(medians.items(), key=lambda item: -item[1]))
 
 
 def _package_onnx(args, scratch: Path):
@@ -291,6 +316,8 @@ def _table(report: dict) -> list[str]:
             continue
         ratio = f", {result['over_fma_floor']:.2f}x the fp32 FMA floor" if "over_fma_floor" in result else ""
         lines.append(f"openvino {precision}: median {result['median_s']:.3f} s{ratio}")
+        for node_type, seconds in result.get("profile_s_per_run", {}).items():
+            lines.append(f"  {node_type:24} {1e3 * seconds:8.1f} ms/run")
     return lines
 
 

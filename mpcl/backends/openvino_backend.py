@@ -1,8 +1,9 @@
 """OpenVINO backend (optional extra ``mpcl[openvino]``): the package's ONNX graphs on OpenVINO's CPU plugin.
 
-Why a second CPU runtime: on the AVX-512 machine of benchmarks/results/inference_cpu_openvino.json its
-convolutions are faster than ONNX Runtime's at every width we ship, and on CPUs with native bf16
-arithmetic (AVX512_BF16, AMX) it can run the fp32 graph in bf16, about twice as fast again.
+Why a second CPU runtime: on the AVX-512 VM of benchmarks/results/inference_cpu_openvino_*.json and
+ort_profile_cpu_avx512_openvino.json its fp32 network was faster than ONNX Runtime's in most runs (its
+convolutions are no faster; it spends less on layout reorders and transposed convolutions), and on CPUs
+with native bf16 arithmetic (AVX512_BF16, AMX) it runs the fp32 graph in bf16, about twice as fast again.
 
 Precisions, all from files already in the package (OpenVINO reads ONNX directly):
 
@@ -84,6 +85,18 @@ def unavailable_reason(package: ModelPackage, device: str) -> str | None:
     return None
 
 
+def compile_config(precision: str, threads: int | None = None) -> dict[str, Any]:
+    """The CPU plugin settings every mpcl OpenVINO model is compiled with (benchmarks profile these same
+    ones): one stream tuned for latency, the precision's inference type, ``threads`` if given."""
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision],
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
 def _static_dims(partial_shape) -> list[int | None]:
     return [dim.get_length() if dim.is_static else None for dim in partial_shape]
 
@@ -101,12 +114,7 @@ class OpenVinoBackend:
         core = openvino.Core()
         self.precision = openvino_precision(package, precision, cpu_has_bf16(core))
         path = package.path_of(_ROLES[self.precision])
-        config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[self.precision],
-            "PERFORMANCE_HINT": "LATENCY",
-        }
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config = compile_config(self.precision, threads)
         try:
             model = core.read_model(str(path))
             inputs, outputs = model.inputs, model.outputs
