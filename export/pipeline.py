@@ -446,8 +446,9 @@ def _fp16(run, stage, gate: _Gate) -> None:
 
 
 def _openvino_bf16(run, stage, gate: _Gate) -> None:
-    """OpenVINO's bf16 run of the fp32 graph: checked like a file variant, its verdict kept in model.json."""
-    from mpcl.backends.openvino_backend import BF16_RECORD, OpenVinoBackend
+    """OpenVINO's bf16 run of the fp32 graph: checked like a file variant, its verdict kept in model.json
+    with the CPU and OpenVINO version it was measured on."""
+    from mpcl.backends.openvino_backend import BF16_RECORD, OpenVinoBackend, measured_on
 
     gate.check(
         None,
@@ -456,6 +457,9 @@ def _openvino_bf16(run, stage, gate: _Gate) -> None:
         lambda package: OpenVinoBackend(package, "cpu", run.options.threads, precision="bf16"),
         verdict_in=("onnx", BF16_RECORD),
     )
+    verdict = stage.data["files"]["onnx"].get(BF16_RECORD)
+    if verdict is not None:
+        stage.update_file("onnx", **{BF16_RECORD: {**verdict, **measured_on()}})
 
 
 def _tensorrt(run, stage, gate: _Gate, in_channels: int, patch) -> None:

@@ -52,6 +52,15 @@ def bf16_unavailable() -> str | None:
     return None
 
 
+def measured_on() -> dict[str, str]:
+    """The CPU and OpenVINO version a check ran with, for the record (empty without openvino)."""
+    if not module_available("openvino"):
+        return {}
+    import openvino
+
+    return {"cpu": openvino.Core().get_property("CPU", "FULL_DEVICE_NAME"), "openvino": openvino.__version__}
+
+
 def bf16_checked(package: ModelPackage) -> bool:
     """Whether mpcl-export recorded that the bf16 run of the fp32 graph passed its Dice check."""
     onnx = package.files.get("onnx")
