@@ -109,10 +109,10 @@ def skip_reason(package: Path, backend: str, roles: tuple[str, ...], precision: 
 
         return NOT_INSTALLED
     if precision == "bf16":
-        from mpcl.backends.openvino_backend import BF16_RECORD, bf16_unavailable
+        from mpcl.backends.openvino_backend import bf16_checked, bf16_unavailable
+        from mpcl.model_package import load_model_package
 
-        verdict = data["files"]["onnx"].get(BF16_RECORD)
-        if not (verdict or {}).get("kept"):
+        if not bf16_checked(load_model_package(package)):
             return "mpcl-export --bf16 did not check (or refused) bf16 for this package"
         return bf16_unavailable()
     return None

@@ -85,11 +85,12 @@ def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
     rng = np.random.default_rng(0)
     a, b = (rng.random((size, size), dtype=np.float32) for _ in range(2))
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    best = min(time_call(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
 
 
-def _seconds(call) -> float:
+def time_call(call) -> float:
+    """Wall-clock seconds of one ``call()``."""
     clock = time.perf_counter()
     call()
     return time.perf_counter() - clock
@@ -143,7 +144,7 @@ def profile_session(onnx_path: Path, batch: np.ndarray, threads: int, repeats: i
         plain.run(None, feed)
 
     run_once()
-    latencies = [_seconds(run_once) for _ in range(repeats)]
+    latencies = [time_call(run_once) for _ in range(repeats)]
 
     profiled = session(True)
     for _ in range(repeats + 1):
@@ -180,7 +181,7 @@ def openvino_latencies(package, batch: np.ndarray, threads: int, repeats: int) -
     for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
         run = functools.partial(OpenVinoBackend(package, "cpu", threads, precision).run, batch)
         run()
-        latencies = [_seconds(run) for _ in range(repeats)]
+        latencies = [time_call(run) for _ in range(repeats)]
         measured[precision] = {"median_s": statistics.median(latencies), "min_s": min(latencies)}
     measured["fp32"]["profile_s_per_run"] = openvino_profile(package, batch, threads, repeats)
     return measured

@@ -20,14 +20,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_record, write_report  # noqa: E402  (benchmarks/ is not a package)
-from ort_profile import conv_flops  # noqa: E402
+from ort_profile import conv_flops, time_call  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -62,11 +61,7 @@ def time_student(widths: list[int], batch: np.ndarray, threads: int, repeats: in
     feed = {session.get_inputs()[0].name: batch}
     for _ in range(3):
         session.run(None, feed)
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run(None, feed)
-        seconds.append(time.perf_counter() - started)
+    seconds = [time_call(lambda: session.run(None, feed)) for _ in range(repeats)]
     gflop = sum(conv_flops(path, *batch.shape[:1], *batch.shape[2:]).values()) / 1e9
     median = statistics.median(seconds)
     return {

@@ -76,8 +76,8 @@ def openvino_precision(package: ModelPackage, precision: str, bf16_native: bool)
         if bf16_native and bf16_checked(package):
             return "bf16"
         return "int8" if package.has("onnx_int8") else "fp32"
-    if not package.has(_ROLES[precision]):
-        role = _ROLES[precision]
+    role = _ROLES[precision]
+    if not package.has(role):
         raise ModelPackageError(f"{package.root}: the package has no {role} file for {precision}")
     if precision == "bf16" and not bf16_native:
         raise ModelPackageError("bf16 needs a CPU with native bf16 arithmetic (AVX512_BF16 or AMX)")
@@ -106,6 +106,15 @@ def compile_config(precision: str, threads: int | None = None) -> dict[str, Any]
     return config
 
 
+def _openvino_call(path, call):
+    """``call()``, with OpenVINO's errors (multi-line RuntimeErrors) turned into one sentence on ``path``."""
+    try:
+        return call()
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelPackageError(f"{path}: cannot be loaded by OpenVINO ({first[:200]})") from None
+
+
 def _static_dims(partial_shape) -> list[int | None]:
     return [dim.get_length() if dim.is_static else None for dim in partial_shape]
 
@@ -123,28 +132,15 @@ class OpenVinoBackend:
         core = openvino.Core()
         self.precision = openvino_precision(package, precision, cpu_has_bf16(core))
         path = package.path_of(_ROLES[self.precision])
+        model = _openvino_call(path, lambda: core.read_model(str(path)))
+        inputs, outputs = model.inputs, model.outputs
+        if len(inputs) != 1 or not outputs:
+            raise ModelPackageError(f"{path}: expected one input and a logits output")
+        patch = package.patch_size
+        check_io_shape(path, "input", _static_dims(inputs[0].partial_shape), package.in_channels, patch)
+        check_io_shape(path, "output", _static_dims(outputs[0].partial_shape), package.num_classes, patch)
         config = compile_config(self.precision, threads)
-        try:
-            model = core.read_model(str(path))
-            inputs, outputs = model.inputs, model.outputs
-            if len(inputs) != 1 or not outputs:
-                raise ModelPackageError(f"{path}: expected one input and a logits output")
-            check_io_shape(
-                path, "input", _static_dims(inputs[0].partial_shape), package.in_channels, package.patch_size
-            )
-            check_io_shape(
-                path,
-                "output",
-                _static_dims(outputs[0].partial_shape),
-                package.num_classes,
-                package.patch_size,
-            )
-            self.compiled = core.compile_model(model, "CPU", config)
-        except ModelPackageError:
-            raise
-        except Exception as error:  # openvino raises RuntimeError subclasses with multi-line messages
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelPackageError(f"{path}: cannot be loaded by OpenVINO ({first[:200]})") from None
+        self.compiled = _openvino_call(path, lambda: core.compile_model(model, "CPU", config))
         self.request = self.compiled.create_infer_request()
         self.device = "cpu"
         self.version = openvino.__version__.split("-")[0]
