@@ -12,7 +12,9 @@ For one package's fp32 graph on a batch of slices (default: a randomly initialis
   ``onnxruntime_backend.session_options``), and ONNX Runtime's own profile (each node's median over the
   runs, summed per operator type), with the convolutions' achieved GFLOP/s;
 - where the optional extra is installed, the OpenVINO backend's latency on the same batch (f32, and bf16
-  on CPUs with native bf16), the fp32 one against the same floor.
+  on CPUs with native bf16), the fp32 one against the same floor; and, on AVX-512 CPUs, its fp32
+  latency with oneDNN held to AVX2 (``openvino_isa.py``) against the AVX2 FMA floor of the same run:
+  the issue states its floor for two AVX2 cores, and those are the kernels such a machine runs.
 
     python benchmarks/ort_profile.py                       # random 256x256 U-Net, 10 slices
     python benchmarks/ort_profile.py --package runs/x/model --batch 10 --output ...
@@ -48,8 +50,9 @@ RESULTS = REPO / "benchmarks" / "results"
 CONV_FAMILY = {"Conv": "Conv", "FusedConv": "Conv", "QLinearConv": "Conv", "ConvTranspose": "ConvTranspose"}
 
 
-def fma_peak_gflops(threads: int, scratch: Path) -> tuple[float | None, str]:
-    """Summed FMA throughput of ``threads`` threads at the faster of AVX2 and AVX-512, or None and why."""
+def fma_peaks(threads: int, scratch: Path) -> tuple[dict[str, float] | None, str]:
+    """Summed FMA throughput of ``threads`` threads per instruction set ("AVX2", and "AVX512" where the CPU
+    has AVX-512F), or None and why; the floor uses the faster, which the runtimes' kernels use here."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler to build benchmarks/fma_peak.c"
@@ -77,7 +80,8 @@ def fma_peak_gflops(threads: int, scratch: Path) -> tuple[float | None, str]:
         if avx512 > avx2
         else "AVX2" + (f" (AVX-512 {avx512:.1f})" if avx512 else ", no AVX-512F")
     )
-    return max(avx2, avx512), f"fma_peak.c, {threads} threads, best of 3, {isa}"
+    peaks = {"AVX2": avx2, **({"AVX512": avx512} if avx512 else {})}
+    return peaks, f"fma_peak.c, {threads} threads, best of 3, {isa}"
 
 
 def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -96,8 +100,8 @@ def time_call(call) -> float:
     return time.perf_counter() - clock
 
 
-def conv_flops(onnx_path: Path, batch: int, height: int, width: int) -> dict[str, float]:
-    """Multiply-add FLOPs (2 per MAC) of every Conv / ConvTranspose at this input size, per op type."""
+def conv_flops_by_node(onnx_path: Path, batch: int, height: int, width: int) -> dict[str, tuple[str, float]]:
+    """Each Conv / ConvTranspose node's multiply-add FLOPs (2 per MAC) at this size: name -> (op, FLOPs)."""
     import onnx
 
     model = onnx.load(str(onnx_path))
@@ -111,17 +115,53 @@ def conv_flops(onnx_path: Path, batch: int, height: int, width: int) -> dict[str
         for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
     }
     weights = {init.name: list(init.dims) for init in model.graph.initializer}
-    flops: dict[str, float] = collections.Counter()
-    for node in model.graph.node:
+    flops: dict[str, tuple[str, float]] = {}
+    for index, node in enumerate(model.graph.node):
         if node.op_type not in ("Conv", "ConvTranspose"):
             continue
         weight = weights[node.input[1]]
         kernel = int(np.prod(weight[2:]))
         if node.op_type == "Conv":  # weight (out, in/groups, kh, kw); one MAC per output x in/groups x k
-            flops["Conv"] += 2 * np.prod(shapes[node.output[0]]) * weight[1] * kernel
+            count = 2 * np.prod(shapes[node.output[0]]) * weight[1] * kernel
         else:  # weight (in, out/groups, kh, kw); every input pixel scatters into out/groups x k outputs
-            flops["ConvTranspose"] += 2 * np.prod(shapes[node.input[0]]) * weight[1] * kernel
-    return dict(flops)
+            count = 2 * np.prod(shapes[node.input[0]]) * weight[1] * kernel
+        flops[node.name or f"{node.op_type}_{index}"] = (node.op_type, float(count))
+    return flops
+
+
+def conv_flops(onnx_path: Path, batch: int, height: int, width: int) -> dict[str, float]:
+    """Multiply-add FLOPs of every Conv / ConvTranspose at this input size, summed per op type."""
+    totals: dict[str, float] = collections.Counter()
+    for op_type, count in conv_flops_by_node(onnx_path, batch, height, width).values():
+        totals[op_type] += count
+    return dict(totals)
+
+
+def conv_layers(
+    node_seconds: dict[tuple[str, str], float], node_flops: dict[str, tuple[str, float]], peak: float
+) -> list:
+    """OpenVINO's convolution nodes matched to the ONNX graph's by name (OpenVINO keeps the ONNX name and
+    appends "/WithoutBiases"; its transposed convolutions are renamed, so they are left out), each with
+    its GFLOP/s and the milliseconds it spends above the FMA floor, the most first: where a network's time
+    above the floor goes, layer by layer."""
+    layers = []
+    for (name, node_type), seconds in node_seconds.items():
+        if node_type != "Convolution":  # e.g. the layout reorder OpenVINO names after the head's conv
+            continue
+        onnx_name = next((o for o in node_flops if name == o or name.startswith(o + "/")), None)
+        if onnx_name is None:
+            continue
+        count = node_flops[onnx_name][1]
+        layers.append(
+            {
+                "node": onnx_name,
+                "ms": 1e3 * seconds,
+                "gflop": count / 1e9,
+                "gflops_per_s": count / seconds / 1e9,
+                "ms_above_floor": 1e3 * (seconds - count / (peak * 1e9)),
+            }
+        )
+    return sorted(layers, key=lambda layer: -layer["ms_above_floor"])
 
 
 def profile_session(onnx_path: Path, batch: np.ndarray, threads: int, repeats: int, scratch: Path) -> dict:
@@ -183,13 +223,36 @@ def openvino_latencies(package, batch: np.ndarray, threads: int, repeats: int) -
         run()
         latencies = [time_call(run) for _ in range(repeats)]
         measured[precision] = {"median_s": statistics.median(latencies), "min_s": min(latencies)}
-    measured["fp32"]["profile_s_per_run"] = openvino_profile(package, batch, threads, repeats)
+    measured["fp32"]["profile_s_per_run"], measured["fp32"]["node_s_per_run"] = openvino_profile(
+        package, batch, threads, repeats
+    )
     return measured
 
 
-def openvino_profile(package, batch: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
-    """OpenVINO's own per-node timings of the fp32 graph (the backend's settings plus PERF_COUNT), each
-    node type's time summed over the graph, median over the runs; profiling adds a little to each node."""
+def openvino_isa_limited(
+    package, batch: np.ndarray, threads: int, repeats: int, scratch: Path, isa: str
+) -> dict:
+    """The OpenVINO backend's fp32 latency with oneDNN held to ``isa`` (a process of its own, see
+    openvino_isa.py), and whether its convolutions really ran that ISA's kernels."""
+    batch_file = scratch / "batch.npy"
+    np.save(batch_file, batch)
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "openvino_isa.py"), "--package", str(package.root),
+        "--batch", str(batch_file), "--isa", isa, "--threads", str(threads), "--repeats", str(repeats),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last_line = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        return {"skipped": f"openvino_isa.py failed: {last_line[:200]}"}
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    wider = [kernel for kernel in measured["conv_kernels"] if "avx512" in kernel or "amx" in kernel]
+    measured["limit_honoured"] = not wider
+    return measured
+
+
+def openvino_profile(package, batch: np.ndarray, threads: int, repeats: int) -> tuple[dict, dict]:
+    """OpenVINO's own per-node timings of the fp32 graph (the backend's settings plus PERF_COUNT), median
+    over the runs: summed per node type, and per (node, type); profiling adds a little to each node."""
     import openvino
 
     from mpcl.backends.openvino_backend import compile_config
@@ -198,17 +261,19 @@ def openvino_profile(package, batch: np.ndarray, threads: int, repeats: int) -> 
     compiled = openvino.Core().compile_model(str(package.path_of("onnx")), "CPU", config)
     request = compiled.create_infer_request()
     request.infer({0: batch})
-    per_run = collections.defaultdict(list)
+    per_run, per_node = collections.defaultdict(list), collections.defaultdict(list)
     for _ in range(repeats):
         request.infer({0: batch})
         totals = collections.Counter()
         for node in request.get_profiling_info():
             if node.status == node.Status.EXECUTED:
                 totals[node.node_type] += node.real_time.total_seconds()
+                per_node[node.node_name, node.node_type].append(node.real_time.total_seconds())
         for node_type, seconds in totals.items():
             per_run[node_type].append(seconds)
     medians = {node_type: statistics.median(values) for node_type, values in per_run.items()}
-    return dict(sorted(medians.items(), key=lambda item: -item[1]))
+    by_node = {key: statistics.median(values) for key, values in per_node.items()}
+    return dict(sorted(medians.items(), key=lambda item: -item[1])), by_node
 
 
 def _package_onnx(args, scratch: Path):
@@ -248,12 +313,18 @@ def main() -> None:
         if args.precision == "int8" and args.package is None:
             parser.error("--precision int8 needs --package (a package with an int8 graph)")
         package, onnx_path, profiled_path, patch, label = _package_onnx(args, scratch)
-        fma, fma_how = fma_peak_gflops(args.threads, scratch)
+        fma_by_isa, fma_how = fma_peaks(args.threads, scratch)
+        fma = max(fma_by_isa.values()) if fma_by_isa else None
         sgemm = sgemm_gflops()
         flops = conv_flops(onnx_path, args.batch, *patch)
+        node_flops = conv_flops_by_node(onnx_path, args.batch, *patch)
         batch = np.random.default_rng(0).random((args.batch, 1, *patch), dtype=np.float32)
         measured = profile_session(profiled_path, batch, args.threads, args.repeats, scratch)
         openvino = openvino_latencies(package, batch, args.threads, args.repeats)
+        if "fp32" in openvino and fma_by_isa and "AVX512" in fma_by_isa:  # the issue's floor is for AVX2
+            openvino["fp32_avx2"] = openvino_isa_limited(
+                package, batch, args.threads, args.repeats, scratch, "AVX2"
+            )
 
     total_gflop = sum(flops.values()) / 1e9
     family_seconds = collections.Counter()  # Conv / ConvTranspose time, whatever the precision's op names
@@ -282,6 +353,11 @@ def main() -> None:
     }
     if "fp32" in openvino and "fma_peak" in floors:  # bf16 is not bound by the fp32 floor: no ratio
         openvino["fp32"]["over_fma_floor"] = openvino["fp32"]["median_s"] / floors["fma_peak"]
+        openvino["fp32"]["conv_layers"] = conv_layers(openvino["fp32"]["node_s_per_run"], node_flops, fma)
+    openvino.get("fp32", {}).pop("node_s_per_run", None)  # the layer table above is what is worth keeping
+    if openvino.get("fp32_avx2", {}).get("limit_honoured"):
+        avx2_floor = total_gflop / fma_by_isa["AVX2"]
+        openvino["fp32_avx2"]["over_avx2_fma_floor"] = openvino["fp32_avx2"]["median_s"] / avx2_floor
     for line in _table(report):
         print(line)
     write_report(report, args.output)
@@ -315,10 +391,28 @@ def _table(report: dict) -> list[str]:
         if precision == "skipped":
             lines.append(f"openvino: skipped ({result})")
             continue
-        ratio = f", {result['over_fma_floor']:.2f}x the fp32 FMA floor" if "over_fma_floor" in result else ""
+        if "skipped" in result:
+            lines.append(f"openvino {precision}: skipped ({result['skipped']})")
+            continue
+        kernels = ", ".join(result.get("conv_kernels", []))
+        if "over_avx2_fma_floor" in result:
+            ratio = f", {result['over_avx2_fma_floor']:.2f}x the AVX2 FMA floor ({kernels})"
+        elif "limit_honoured" in result:
+            ratio = f", AVX2 limit not honoured: convolutions ran {kernels}"
+        elif "over_fma_floor" in result:
+            ratio = f", {result['over_fma_floor']:.2f}x the fp32 FMA floor"
+        else:
+            ratio = ""
         lines.append(f"openvino {precision}: median {result['median_s']:.3f} s{ratio}")
         for node_type, seconds in result.get("profile_s_per_run", {}).items():
             lines.append(f"  {node_type:24} {1e3 * seconds:8.1f} ms/run")
+        if result.get("conv_layers"):
+            lines.append("  convolutions spending the most above the FMA floor:")
+        for layer in result.get("conv_layers", [])[:6]:
+            lines.append(
+                f"    {layer['node'][:44]:44} {layer['ms']:6.2f} ms {layer['gflops_per_s']:6.0f} GFLOP/s "
+                f"+{layer['ms_above_floor']:.2f} ms"
+            )
     return lines
 
 

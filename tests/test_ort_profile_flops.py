@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,42 @@ def test_fma_peak_measures_avx512_exactly_when_the_cpu_has_it(tmp_path):
     ).split()
     if "avx2" not in flags or "fma" not in flags:
         pytest.skip("this CPU has no AVX2/FMA, which fma_peak.c needs")
-    peak, how = _ort_profile().fma_peak_gflops(1, tmp_path)
-    assert peak is not None and peak > 0, how
+    peaks, how = _ort_profile().fma_peaks(1, tmp_path)
+    assert peaks is not None and peaks["AVX2"] > 0, how
+    assert ("AVX512" in peaks) == ("avx512f" in flags), how
     assert ("no AVX-512F" in how) == ("avx512f" not in flags), how
+
+
+def test_openvino_held_to_avx2_runs_avx2_convolutions(package_dir, tmp_path):
+    """The AVX2 row is only worth its floor if oneDNN really ran AVX2 kernels (it reads the limit once,
+    at load), so the benchmark reports the kernels it saw and says when the limit was not honoured."""
+    pytest.importorskip("openvino")
+    from mpcl.model_package import load_model_package
+
+    package = load_model_package(package_dir)
+    batch = np.zeros((2, package.in_channels, *package.patch_size), np.float32)
+    measured = _ort_profile().openvino_isa_limited(package, batch, 1, 2, tmp_path, "AVX2")
+    assert measured["conv_kernels"], measured
+    assert all("avx512" not in kernel for kernel in measured["conv_kernels"]), measured
+    assert measured["limit_honoured"] and measured["median_s"] > 0
+
+
+def test_every_convolution_of_the_openvino_profile_finds_its_flops(package_dir):
+    """The per-layer table is only right if each OpenVINO convolution is matched to its own ONNX node."""
+    pytest.importorskip("openvino")
+    from mpcl.model_package import load_model_package
+
+    profile = _ort_profile()
+    package = load_model_package(package_dir)
+    batch = np.zeros((2, package.in_channels, *package.patch_size), np.float32)
+    onnx_path = package.path_of("onnx")
+    node_flops = profile.conv_flops_by_node(onnx_path, 2, *package.patch_size)
+    _, node_seconds = profile.openvino_profile(package, batch, 1, 2)
+    layers = profile.conv_layers(node_seconds, node_flops, peak=100.0)
+    convs = {name for name, (op, _) in node_flops.items() if op == "Conv"}
+    assert sorted(layer["node"] for layer in layers) == sorted(convs)
+    total = profile.conv_flops(onnx_path, 2, *package.patch_size)["Conv"]
+    assert sum(layer["gflop"] for layer in layers) == pytest.approx(total / 1e9)
+    assert [layer["ms_above_floor"] for layer in layers] == sorted(
+        (layer["ms_above_floor"] for layer in layers), reverse=True
+    )
