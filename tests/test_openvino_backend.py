@@ -72,6 +72,25 @@ def test_fp32_logits_match_onnxruntime(package_dir):
     np.testing.assert_allclose(odd, expected[:3], atol=1e-4 * np.abs(expected).max())
 
 
+def test_a_corrupt_onnx_file_gets_one_sentence_naming_it(package_copy, capfd):
+    """A package without checksums (hand-made) whose ONNX file is not ONNX: the error names the file and
+    says it cannot be parsed, and no other framework's parser prints to the terminal on the way."""
+    pytest.importorskip("openvino", reason="the optional extra mpcl[openvino] is not installed")
+    data = json.loads((package_copy / MODEL_JSON).read_text())
+    data["files"]["onnx"].pop("sha256", None)
+    (package_copy / MODEL_JSON).write_text(json.dumps(data))
+    package = load_model_package(package_copy)
+    onnx_path = package.path_of("onnx")
+    onnx_path.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    capfd.readouterr()
+    with pytest.raises(ModelPackageError) as info:
+        openvino_backend.OpenVinoBackend(package, "cpu", 1, "fp32")
+    message = str(info.value)
+    assert str(onnx_path) in message and "pars" in message.lower(), message  # "Model can't be parsed"
+    assert "\n" not in message and "Exception from" not in message, message
+    assert "tensorflow" not in capfd.readouterr().err.lower()
+
+
 def test_bf16_run_stays_close_to_fp32(package_dir):
     pytest.importorskip("openvino", reason="the optional extra mpcl[openvino] is not installed")
     if not openvino_backend.cpu_has_bf16():

@@ -106,13 +106,30 @@ def compile_config(precision: str, threads: int | None = None) -> dict[str, Any]
     return config
 
 
+# lines of OpenVINO's multi-line errors that say where in its sources it failed, not what is wrong
+_SOURCE_LINES = ("Exception from ", "Check '", "FrontEnd API failed")
+
+
 def _openvino_call(path, call):
-    """``call()``, with OpenVINO's errors (multi-line RuntimeErrors) turned into one sentence on ``path``."""
+    """``call()``, with OpenVINO's errors (multi-line RuntimeErrors) turned into one sentence on ``path``:
+    the last line that says what is wrong, not where in OpenVINO's sources it was noticed."""
     try:
         return call()
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelPackageError(f"{path}: cannot be loaded by OpenVINO ({first[:200]})") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        telling = [line for line in lines if not line.startswith(_SOURCE_LINES)]
+        reason = (telling or lines or [type(error).__name__])[-1]
+        raise ModelPackageError(f"{path}: cannot be loaded by OpenVINO ({reason[:200]})") from None
+
+
+def _read_onnx(path):
+    """The ONNX file as an OpenVINO model, read by the ONNX frontend alone: ``Core.read_model`` would try
+    every frontend on a file that is not valid ONNX (TensorFlow's prints parse errors to stderr) and then
+    say only that no frontend could read it."""
+    from openvino.frontend import FrontEndManager
+
+    frontend = FrontEndManager().load_by_framework("onnx")
+    return _openvino_call(path, lambda: frontend.convert(frontend.load(str(path))))
 
 
 def _static_dims(partial_shape) -> list[int | None]:
@@ -132,7 +149,7 @@ class OpenVinoBackend:
         core = openvino.Core()
         self.precision = openvino_precision(package, precision, cpu_has_bf16(core))
         path = package.path_of(_ROLES[self.precision])
-        model = _openvino_call(path, lambda: core.read_model(str(path)))
+        model = _read_onnx(path)
         inputs, outputs = model.inputs, model.outputs
         if len(inputs) != 1 or not outputs:
             raise ModelPackageError(f"{path}: expected one input and a logits output")
