@@ -14,11 +14,11 @@ Prints one JSON object: median_s, min_s, isa, conv_kernels (OpenVINO's exec type
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,35 +37,21 @@ def main() -> None:
 
     os.environ["ONEDNN_MAX_CPU_ISA"] = args.isa  # before openvino (and its oneDNN) is loaded
     import numpy as np
-    import openvino
 
     sys.path.insert(0, str(REPO))
-    from mpcl.backends.openvino_backend import OpenVinoBackend, compile_config
+    from ort_profile import openvino_profile, time_call  # benchmarks/ is this script's folder
+
+    from mpcl.backends.openvino_backend import OpenVinoBackend
     from mpcl.model_package import load_model_package
 
     package = load_model_package(args.package)
     batch = np.load(args.batch)
-    backend = OpenVinoBackend(package, "cpu", args.threads, "fp32")
-    backend.run(batch)
-    latencies = []
-    for _ in range(args.repeats):
-        clock = time.perf_counter()
-        backend.run(batch)
-        latencies.append(time.perf_counter() - clock)
-
+    run = functools.partial(OpenVinoBackend(package, "cpu", args.threads, "fp32").run, batch)
+    run()
+    latencies = [time_call(run) for _ in range(args.repeats)]
     # one profiled run, only to read which kernels the convolutions ran with
-    profiled = openvino.Core().compile_model(
-        str(package.path_of("onnx")), "CPU", {**compile_config("fp32", args.threads), "PERF_COUNT": True}
-    )
-    request = profiled.create_infer_request()
-    request.infer({0: batch})
-    kernels = sorted(
-        {
-            node.exec_type
-            for node in request.get_profiling_info()
-            if node.status == node.Status.EXECUTED and node.node_type.startswith("Convolution")
-        }
-    )
+    _, node_seconds = openvino_profile(package, batch, args.threads, 1)
+    kernels = sorted({kernel for (_, op, kernel) in node_seconds if op.startswith("Convolution")})
     print(
         json.dumps(
             {

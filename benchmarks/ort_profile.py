@@ -129,23 +129,28 @@ def conv_flops_by_node(onnx_path: Path, batch: int, height: int, width: int) -> 
     return flops
 
 
-def conv_flops(onnx_path: Path, batch: int, height: int, width: int) -> dict[str, float]:
-    """Multiply-add FLOPs of every Conv / ConvTranspose at this input size, summed per op type."""
+def flops_per_op(node_flops: dict[str, tuple[str, float]]) -> dict[str, float]:
+    """``conv_flops_by_node``'s counts summed per op type (Conv, ConvTranspose)."""
     totals: dict[str, float] = collections.Counter()
-    for op_type, count in conv_flops_by_node(onnx_path, batch, height, width).values():
+    for op_type, count in node_flops.values():
         totals[op_type] += count
     return dict(totals)
 
 
+def conv_flops(onnx_path: Path, batch: int, height: int, width: int) -> dict[str, float]:
+    """Multiply-add FLOPs of every Conv / ConvTranspose at this input size, summed per op type."""
+    return flops_per_op(conv_flops_by_node(onnx_path, batch, height, width))
+
+
 def conv_layers(
-    node_seconds: dict[tuple[str, str], float], node_flops: dict[str, tuple[str, float]], peak: float
+    node_seconds: dict[tuple[str, str, str], float], node_flops: dict[str, tuple[str, float]], peak: float
 ) -> list:
     """OpenVINO's convolution nodes matched to the ONNX graph's by name (OpenVINO keeps the ONNX name and
     appends "/WithoutBiases"; its transposed convolutions are renamed, so they are left out), each with
     its GFLOP/s and the milliseconds it spends above the FMA floor, the most first: where a network's time
     above the floor goes, layer by layer."""
     layers = []
-    for (name, node_type), seconds in node_seconds.items():
+    for (name, node_type, _kernel), seconds in node_seconds.items():
         if node_type != "Convolution":  # e.g. the layout reorder OpenVINO names after the head's conv
             continue
         onnx_name = next((o for o in node_flops if name == o or name.startswith(o + "/")), None)
@@ -252,7 +257,7 @@ def openvino_isa_limited(
 
 def openvino_profile(package, batch: np.ndarray, threads: int, repeats: int) -> tuple[dict, dict]:
     """OpenVINO's own per-node timings of the fp32 graph (the backend's settings plus PERF_COUNT), median
-    over the runs: summed per node type, and per (node, type); profiling adds a little to each node."""
+    over the runs: summed per node type, and per (node, type, kernel); profiling adds a little to each."""
     import openvino
 
     from mpcl.backends.openvino_backend import compile_config
@@ -268,7 +273,8 @@ def openvino_profile(package, batch: np.ndarray, threads: int, repeats: int) -> 
         for node in request.get_profiling_info():
             if node.status == node.Status.EXECUTED:
                 totals[node.node_type] += node.real_time.total_seconds()
-                per_node[node.node_name, node.node_type].append(node.real_time.total_seconds())
+                key = (node.node_name, node.node_type, node.exec_type)
+                per_node[key].append(node.real_time.total_seconds())
         for node_type, seconds in totals.items():
             per_run[node_type].append(seconds)
     medians = {node_type: statistics.median(values) for node_type, values in per_run.items()}
@@ -316,8 +322,8 @@ def main() -> None:
         fma_by_isa, fma_how = fma_peaks(args.threads, scratch)
         fma = max(fma_by_isa.values()) if fma_by_isa else None
         sgemm = sgemm_gflops()
-        flops = conv_flops(onnx_path, args.batch, *patch)
         node_flops = conv_flops_by_node(onnx_path, args.batch, *patch)
+        flops = flops_per_op(node_flops)
         batch = np.random.default_rng(0).random((args.batch, 1, *patch), dtype=np.float32)
         measured = profile_session(profiled_path, batch, args.threads, args.repeats, scratch)
         openvino = openvino_latencies(package, batch, args.threads, args.repeats)
