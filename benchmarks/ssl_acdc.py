@@ -18,6 +18,7 @@ interruption and re-running the same command skips what is done (``--force`` re-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -71,8 +72,16 @@ def _scale_schedule(params: dict, factor: float) -> dict:
     return scaled
 
 
-def build_run_config(variant: str, budget: str, labeled: int, seed: int, data_root: str, output_dir: Path):
-    """The validated config of one benchmark run."""
+def build_run_config(
+    variant: str,
+    budget: str,
+    labeled: int,
+    seed: int,
+    data_root: str,
+    output_dir: Path,
+    threads: int | None = None,
+):
+    """The validated config of one benchmark run (``threads``: torch threads of the training process)."""
     import yaml
 
     from mpcl.training.config import config_from_dict
@@ -101,10 +110,76 @@ def build_run_config(variant: str, budget: str, labeled: int, seed: int, data_ro
             checkpoint_every=settings["iterations"],
         )
         data["method"]["params"] = _scale_schedule(data["method"].get("params") or {}, factor)
+    if threads:
+        data["train"]["num_threads"] = threads
     return config_from_dict(data, f"{config_path} under budget {budget}")
 
 
-def run_one(variant: str, budget: str, labeled: int, seed: int, data_root: str, runs_dir: Path) -> dict:
+def git_commit() -> str:
+    """HEAD of the checkout the benchmark runs from, with ``+dirty`` when tracked files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the run's config without the keys that only say where files are (so two machines
+    running the same recipe get the same hash); the first 16 hex digits."""
+    recipe = json.loads(json.dumps(config))
+    for key in ("experiment", "output_dir"):
+        recipe.pop(key, None)
+    recipe.get("data", {}).pop("root", None)
+    recipe.get("train", {}).pop("num_threads", None)
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def provenance(config) -> dict:
+    """What ties a result row to the code and recipe that produced it."""
+    import torch
+
+    from mpcl.training.protocol import describe_protocol
+
+    plain = config.to_dict()
+    return {
+        "commit": git_commit(),
+        "protocol": describe_protocol(plain),
+        "config_hash": config_hash(plain),
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it has native bf16/AMX (the machine changes between sessions)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []
+    )
+    extras = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{name} ({', '.join(extras) or 'no avx2'})"
+
+
+def run_one(
+    variant: str,
+    budget: str,
+    labeled: int,
+    seed: int,
+    data_root: str,
+    runs_dir: Path,
+    threads: int | None = None,
+) -> dict:
     """Train and test one run in this process; returns its result record."""
     import logging
 
@@ -116,7 +191,7 @@ def run_one(variant: str, budget: str, labeled: int, seed: int, data_root: str, 
     from mpcl.training.trainer import Trainer, inference_model_from_checkpoint
 
     output_dir = runs_dir / budget / f"{variant}_l{labeled}_s{seed}"
-    config = build_run_config(variant, budget, labeled, seed, data_root, output_dir)
+    config = build_run_config(variant, budget, labeled, seed, data_root, output_dir, threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,
@@ -134,9 +209,16 @@ def run_one(variant: str, budget: str, labeled: int, seed: int, data_root: str, 
     model.to(trainer.device)
     test_started = time.perf_counter()
     evaluation = evaluate_volumes(
-        model, data.test_volumes, data.class_names, tuple(config.data.patch_size), trainer.device
+        model,
+        data.test_volumes,
+        data.class_names,
+        tuple(config.data.patch_size),
+        trainer.device,
+        resize=config.evaluation.resize,
+        empty_prediction=config.evaluation.empty_prediction,
     )
     return {
+        **provenance(config),
         "variant": variant,
         "method": config.method.name,
         "labeled_patients": labeled,
@@ -245,13 +327,22 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--force", action="store_true", help="re-run runs already in the results file")
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the results file")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per training process (1 to run two benchmarks at once)"
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child-process mode
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one:
         record = run_one(
-            args.variants[0], args.budget, args.labeled[0], args.seeds[0], args.data_root, args.runs_dir
+            args.variants[0],
+            args.budget,
+            args.labeled[0],
+            args.seeds[0],
+            args.data_root,
+            args.runs_dir,
+            args.threads,
         )
         args.result_file.write_text(json.dumps(record))
         return
@@ -277,7 +368,7 @@ def main() -> None:
                     sys.executable, __file__, "--one", "--budget", args.budget, "--variants", variant,
                     "--labeled", str(labeled), "--seeds", str(seed), "--data-root", args.data_root,
                     "--runs-dir", str(args.runs_dir), "--result-file", str(result_file),
-                ]  # fmt: skip
+                ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
                 print(f"run {key} under budget {args.budget} ...", flush=True)
                 started = time.perf_counter()
                 subprocess.run(command, check=True)

@@ -46,6 +46,17 @@ RESAMPLING_POLICY: dict[str, Any] = {
     "probability_interpolation": "linear",
     "align_corners": True,
 }
+# The SSL4MIS/BCP test scripts' policy (``evaluation.resize: nearest``): scipy's order-0 zoom of each
+# slice to the patch and of the predicted labels back (mpcl.preprocessing.zoom_nearest).
+NEAREST_RESAMPLING_POLICY: dict[str, Any] = {
+    **RESAMPLING_POLICY,
+    "image_interpolation": "nearest_zoom",
+    "probability_interpolation": "nearest_zoom",
+}
+RESAMPLING_POLICIES: dict[str, dict[str, Any]] = {
+    "linear": RESAMPLING_POLICY,
+    "nearest": NEAREST_RESAMPLING_POLICY,
+}
 
 # 3D Slicer's generic anatomy colours, so segments look familiar there; background is black.
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -125,6 +136,11 @@ class ModelPackage:
         return len(self.classes)
 
     @property
+    def resize(self) -> str:
+        """``linear`` or ``nearest``: the key of :data:`RESAMPLING_POLICIES` this package uses."""
+        return next(key for key, policy in RESAMPLING_POLICIES.items() if policy == self.resampling)
+
+    @property
     def class_names(self) -> list[str]:
         return [label.name for label in self.classes]
 
@@ -201,7 +217,7 @@ def build_model_json(
         "in_channels": int(metadata.get("in_channels", 1)),
         "normalization": dict(metadata["normalization"]),
         "patch_size": [int(v) for v in metadata["patch_size"]],
-        "resampling": dict(RESAMPLING_POLICY),
+        "resampling": dict(RESAMPLING_POLICIES[str(metadata.get("resize", "linear"))]),
         "postprocessing": dict(postprocessing or {"largest_component": [], "fill_holes": []}),
         "network": dict(metadata.get("network", {})),
         "files": {role: dict(entry) for role, entry in files.items()},
@@ -283,11 +299,11 @@ def parse_model_json(data: Any, root: Path) -> ModelPackage:
     if in_channels != 1:
         raise _fail(where, f"in_channels {in_channels!r} is not supported (single-channel images only)")
     resampling = {**RESAMPLING_POLICY, **data.get("resampling", {})}
-    if resampling != RESAMPLING_POLICY:
+    if resampling not in RESAMPLING_POLICIES.values():
         raise _fail(
             where,
             f"resampling policy {data.get('resampling')!r} is not supported; this runtime implements "
-            f"{RESAMPLING_POLICY}",
+            f"{list(RESAMPLING_POLICIES.values())}",
         )
     raw_post = data.get("postprocessing") or {}
     if not isinstance(raw_post, dict) or set(raw_post) - {"largest_component", "fill_holes"}:

@@ -134,6 +134,34 @@ def resize_2d(data: np.ndarray, out_hw: tuple[int, int], order: int = 1) -> np.n
     return resize_axis(work, data.ndim - 1, out_w)
 
 
+def _zoom_axis_nearest(data: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    coords = _axis_coordinates(data.shape[axis], n_out)
+    n_in = data.shape[axis]
+    result = np.take(data, np.minimum(np.floor(coords + 0.5).astype(np.int64), n_in - 1), axis=axis)
+    beyond = coords > n_in - 1  # past the last sample by rounding error: scipy's mode="constant" gives 0
+    if beyond.any():
+        index = [slice(None)] * data.ndim
+        index[axis] = beyond
+        result[tuple(index)] = 0
+    return result
+
+
+def zoom_nearest(data: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Resize the last two axes as ``scipy.ndimage.zoom(x, out / in, order=0)`` does, bit for bit: the
+    SSL4MIS/BCP test scripts' resize of slices to the patch and of predicted labels back. Unlike
+    ``resize_2d(order=0)``, a border sample whose coordinate lands past the last source pixel by
+    floating-point rounding is 0, as in scipy (mode "constant")."""
+    if data.ndim < 2:
+        raise InputError(f"zoom_nearest needs at least 2 dimensions, got shape {data.shape}")
+    out_h, out_w = int(out_hw[0]), int(out_hw[1])
+    work = data
+    if work.shape[-2] != out_h:
+        work = _zoom_axis_nearest(work, data.ndim - 2, out_h)
+    if work.shape[-1] != out_w:
+        work = _zoom_axis_nearest(work, data.ndim - 1, out_w)
+    return work.copy() if work is data else work
+
+
 def _first_argmax(scores: list[np.ndarray]) -> np.ndarray:
     """``np.stack(scores).argmax(axis=0)`` as uint8 (ties to the lowest index; at most 256 classes), with
     one contiguous pass per class.

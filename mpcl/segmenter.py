@@ -42,7 +42,13 @@ from mpcl.kernels import FUSED_KERNEL_MODES
 from mpcl.kernels.reference import HeadOutputs, NormalizationAffine, average_flips, normalization_affine
 from mpcl.model_package import ClassLabel, ModelPackage, load_model_package
 from mpcl.postprocessing import apply_postprocessing, normalized_entropy, softmax
-from mpcl.preprocessing import normalize_intensity, resize_2d, resized_argmax, through_plane_axis
+from mpcl.preprocessing import (
+    normalize_intensity,
+    resize_2d,
+    resized_argmax,
+    through_plane_axis,
+    zoom_nearest,
+)
 
 log = logging.getLogger("mpcl.segment")
 
@@ -238,6 +244,8 @@ class Segmenter:
         )
         self.fused = bool(getattr(self.backend, "fused_kernels", False))
         reason = getattr(self.backend, "fused_reason", None) or f"the {self.backend.name} backend has none"
+        if self.fused and self.package.resize != "linear":
+            self.fused, reason = False, "the package resizes with nearest-neighbour zoom, which they lack"
         if fused_kernels == "on" and not self.fused:
             raise ConfigError(f"fused_kernels='on' needs the torch backend on a CUDA GPU: {reason}")
         log.info(
@@ -405,6 +413,10 @@ class Segmenter:
         timings: dict[str, float],
     ) -> HeadOutputs:
         """Normalised (b, H, W) slices to labels (and maps) on their own grid, in numpy."""
+        if self.package.resize == "nearest":
+            return self._numpy_batch_nearest(
+                slices, out_hw, tta, want_probabilities, want_uncertainty, timings
+            )
         clock = time.perf_counter()
         batch = np.ascontiguousarray(resize_2d(slices, self.package.patch_size, order=1)[:, None])
         timings["resize_to_patch"] += time.perf_counter() - clock
@@ -426,6 +438,28 @@ class Segmenter:
         uncertainty = normalized_entropy(chunk) if want_uncertainty else None
         timings["argmax_entropy"] += time.perf_counter() - clock
         return HeadOutputs(labels, chunk if want_probabilities else None, uncertainty)
+
+    def _numpy_batch_nearest(
+        self,
+        slices: np.ndarray,
+        out_hw: tuple[int, int],
+        tta: bool,
+        want_probabilities: bool,
+        want_uncertainty: bool,
+        timings: dict[str, float],
+    ) -> HeadOutputs:
+        """The SSL4MIS/BCP test path: order-0 zoom to the patch, argmax there, order-0 zoom of the labels
+        (and of any probability/uncertainty maps) back to the slice's grid."""
+        clock = time.perf_counter()
+        batch = np.ascontiguousarray(zoom_nearest(slices, self.package.patch_size)[:, None])
+        timings["resize_to_patch"] += time.perf_counter() - clock
+        chunk = self._probabilities(batch, tta, timings)
+        clock = time.perf_counter()
+        labels = zoom_nearest(chunk.argmax(axis=1).astype(np.uint8), out_hw)
+        uncertainty = zoom_nearest(normalized_entropy(chunk), out_hw) if want_uncertainty else None
+        probabilities = zoom_nearest(chunk, out_hw) if want_probabilities else None
+        timings["resize_back"] += time.perf_counter() - clock
+        return HeadOutputs(labels, probabilities, uncertainty)
 
     def _probabilities(self, batch: np.ndarray, tta: bool, timings: dict[str, float]) -> np.ndarray:
         """Softmax probabilities (b, C, h, w) at patch size; with TTA, averaged over the flips."""

@@ -63,12 +63,13 @@ def test_bcp_stages_and_teacher_reset(tmp_path):
         not torch.equal(a, b)
         for a, b in zip(trainer.models.teacher.parameters(), trainer.models.student.parameters(), strict=True)
     )
-    terms = trainer.method.training_step(trainer.batches(2), trainer.models, StepInfo(2, 6))
-    assert set(terms) == {"copy_paste_bidirectional"}
+    trainer.start_stage(2)  # what fit does before iteration 2
     for teacher, student in zip(
         trainer.models.teacher.parameters(), trainer.models.student.parameters(), strict=True
     ):
         assert torch.equal(teacher, student)  # self-training starts from the pre-trained student
+    terms = trainer.method.training_step(trainer.batches(2), trainer.models, StepInfo(2, 6))
+    assert set(terms) == {"copy_paste_bidirectional"}
     terms["copy_paste_bidirectional"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.models.student.parameters())
 

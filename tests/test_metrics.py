@@ -1,4 +1,5 @@
-"""Tests for mpcl.training.metrics: hand-computed values, empty-mask conventions, cropping, summaries."""
+"""Tests for mpcl.training.metrics: hand-computed values, empty-mask conventions, cropping, summaries,
+and agreement with medpy (skipped where medpy, from the dev extra, is not installed)."""
 
 from __future__ import annotations
 
@@ -262,8 +263,121 @@ def test_multiclass_matches_per_class_binary() -> None:
     gt[12:16, 12:16] = 2  # class 2 missing from pred -> NaN distances
     res = multiclass_metrics(pred, gt, num_classes=3, spacing=(1.0, 2.0))
     assert sorted(res) == [1, 2]
-    assert res[1] == binary_metrics(pred == 1, gt == 1, (1.0, 2.0))
+    assert res[1] == {**binary_metrics(pred == 1, gt == 1, (1.0, 2.0)), "empty_prediction": False}
     assert res[2]["dice"] == 0.0 and math.isnan(res[2]["hd95"])
+    assert res[2]["empty_prediction"] is True
+
+
+# --- empty prediction conventions ("undefined" default, "zero" as in BCP's ACDC test script) -------
+
+
+def _labels_with_missed_class() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Two 3D cases with classes 1 (LV) and 2 (RV). Case 0: class 2 is in gt but predicted nowhere.
+    Case 1: both classes predicted with some error."""
+    shape = (6, 16, 16)
+    gt0 = np.zeros(shape, dtype=np.uint8)
+    gt0[1:5, 2:7, 2:7] = 1
+    gt0[1:5, 9:14, 9:14] = 2
+    pred0 = np.zeros(shape, dtype=np.uint8)
+    pred0[1:5, 3:8, 2:7] = 1  # class 1 shifted by one voxel, class 2 missed entirely
+    gt1 = gt0.copy()
+    pred1 = np.zeros(shape, dtype=np.uint8)
+    pred1[1:5, 2:7, 2:7] = 1  # class 1 exact
+    pred1[1:5, 9:14, 11:16] = 2  # class 2 shifted by two voxels
+    return [pred0, pred1], [gt0, gt1]
+
+
+def _nan_as_none(case: dict) -> dict:
+    """A multiclass_metrics result with NaN replaced by None, so that == compares it exactly."""
+    return {c: {k: None if v != v else v for k, v in values.items()} for c, values in case.items()}
+
+
+def test_empty_prediction_zero_scores_a_missed_class_as_all_zeros() -> None:
+    preds, gts = _labels_with_missed_class()
+    spacing = (2.0, 1.0, 1.0)
+    pairs = list(zip(preds, gts, strict=True))
+    per_case = [multiclass_metrics(p, g, 3, spacing, empty_prediction="zero") for p, g in pairs]
+    missed = per_case[0][2]
+    assert missed == {"dice": 0.0, "jaccard": 0.0, "hd95": 0.0, "asd": 0.0, "empty_prediction": True}
+    assert all(type(missed[m]) is float for m in metrics.METRIC_NAMES)
+    # Classes that were predicted are scored exactly as in the default convention.
+    default = [multiclass_metrics(p, g, 3, spacing) for p, g in pairs]
+    assert per_case[0][1] == default[0][1]
+    assert per_case[1] == default[1]
+
+    s = summarize(per_case, CLASS_NAMES)
+    rv_hd95_case1 = per_case[1][2]["hd95"]
+    assert rv_hd95_case1 > 0
+    assert s["RV"]["n_empty_prediction"] == 1
+    assert s["LV"]["n_empty_prediction"] == 0
+    assert s["mean"]["n_empty_prediction"] == 1
+    # The zeros enter the means: nothing is undefined.
+    assert s["RV"]["hd95"] == {
+        "mean": pytest.approx(rv_hd95_case1 / 2),
+        "std": pytest.approx(rv_hd95_case1 / 2),
+        "n_undefined": 0,
+    }
+    assert s["RV"]["dice"]["mean"] == pytest.approx(per_case[1][2]["dice"] / 2)
+    assert s["RV"]["asd"]["n_undefined"] == 0
+    case0_mean_hd95 = (per_case[0][1]["hd95"] + 0.0) / 2
+    case1_mean_hd95 = (per_case[1][1]["hd95"] + rv_hd95_case1) / 2
+    assert s["mean"]["hd95"]["mean"] == pytest.approx((case0_mean_hd95 + case1_mean_hd95) / 2)
+    assert s["mean"]["hd95"]["n_undefined"] == 0
+    json.dumps(s, allow_nan=False)
+    assert type(s["RV"]["n_empty_prediction"]) is int
+
+
+def test_empty_prediction_undefined_is_the_unchanged_default() -> None:
+    preds, gts = _labels_with_missed_class()
+    pairs = list(zip(preds, gts, strict=True))
+    per_case = [multiclass_metrics(p, g, 3, empty_prediction="undefined") for p, g in pairs]
+    default = [multiclass_metrics(p, g, 3) for p, g in pairs]
+    missed = per_case[0][2]
+    assert missed["dice"] == 0.0 and missed["jaccard"] == 0.0
+    assert math.isnan(missed["hd95"]) and math.isnan(missed["asd"])
+    assert missed["empty_prediction"] is True
+    assert [_nan_as_none(case) for case in per_case] == [_nan_as_none(case) for case in default]
+    # Per class, binary_metrics' own default is the same convention.
+    assert binary_metrics(preds[0] == 1, gts[0] == 1) == {
+        k: v for k, v in per_case[0][1].items() if k != "empty_prediction"
+    }
+
+    s = summarize(per_case, CLASS_NAMES)
+    rv_hd95_case1 = per_case[1][2]["hd95"]
+    assert s["RV"]["hd95"] == {"mean": pytest.approx(rv_hd95_case1), "std": 0.0, "n_undefined": 1}
+    assert s["RV"]["asd"]["n_undefined"] == 1
+    assert s["RV"]["dice"]["n_undefined"] == 0
+    assert s["RV"]["n_empty_prediction"] == 1
+    assert s["LV"]["n_empty_prediction"] == 0
+    assert s["mean"]["n_empty_prediction"] == 1
+    # Case 0's mean hd95 is over its defined class only (LV).
+    case1_mean_hd95 = (per_case[1][1]["hd95"] + rv_hd95_case1) / 2
+    assert s["mean"]["hd95"]["mean"] == pytest.approx((per_case[0][1]["hd95"] + case1_mean_hd95) / 2)
+    json.dumps(s, allow_nan=False)
+
+
+@pytest.mark.parametrize("mode", ["zero", "undefined"])
+def test_empty_prediction_modes_agree_when_gt_is_empty(mode: str) -> None:
+    gt = np.zeros((10, 10), dtype=np.uint8)
+    gt[2:5, 2:5] = 1  # class 2 absent from gt
+    pred = gt.copy()
+    res = multiclass_metrics(pred, gt, 4, empty_prediction=mode)
+    pred[7:9, 7:9] = 3  # class 3 predicted although absent from gt
+    res_fp = multiclass_metrics(pred, gt, 4, empty_prediction=mode)
+    # Both masks empty: a perfect "nothing here" in both modes.
+    assert res[2] == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0, "empty_prediction": False}
+    # Ground truth empty, prediction not: undefined distances in both modes.
+    assert res_fp[3]["dice"] == 0.0 and math.isnan(res_fp[3]["hd95"]) and math.isnan(res_fp[3]["asd"])
+    assert res_fp[3]["empty_prediction"] is False
+    assert summarize([res_fp], ["background", "a", "b", "c"])["mean"]["n_empty_prediction"] == 0
+
+
+def test_empty_prediction_rejects_unknown_mode() -> None:
+    labels = np.zeros((4, 4), dtype=np.uint8)
+    with pytest.raises(ValueError, match="empty_prediction"):
+        multiclass_metrics(labels, labels, 2, empty_prediction="nan")
+    with pytest.raises(ValueError, match="empty_prediction"):
+        binary_metrics(labels, labels, empty_prediction="Zero")
 
 
 def test_multiclass_label_out_of_range_raises() -> None:
@@ -316,6 +430,12 @@ def test_summarize_per_class_and_mean() -> None:
     assert s["mean"]["asd"]["std"] == pytest.approx(0.75)
 
 
+def test_summarize_without_empty_prediction_flags_reports_none() -> None:
+    # Hand-built per-case dicts (PER_CASE) carry no flag: the count is unknown, not 0.
+    s = summarize(PER_CASE, CLASS_NAMES)
+    assert s["LV"]["n_empty_prediction"] is None and s["mean"]["n_empty_prediction"] is None
+
+
 def test_summarize_all_undefined_is_none_and_strict_json() -> None:
     per_case = [
         {1: {"dice": 0.0, "jaccard": 0.0, "hd95": NAN, "asd": NAN}},
@@ -342,3 +462,118 @@ def test_format_table() -> None:
     mean_row = next(line for line in lines if line.startswith("mean"))
     assert "67.50 ± 2.50" in mean_row and "3.50 ± 1.50" in mean_row
     assert "RV: 1 case(s)" in table
+
+
+# --- agreement with medpy.metric.binary ------------------------------------------------------------
+
+MEDPY_SPACINGS = [None, (10.0, 1.5, 1.5), (1.0, 0.7, 2.0)]
+
+
+@pytest.fixture(scope="module")
+def medpy_binary():
+    return pytest.importorskip(
+        "medpy.metric.binary", reason="medpy is not installed (pip install -e '.[dev]' provides it)"
+    )
+
+
+def _assert_matches_medpy(medpy_binary, pred: np.ndarray, gt: np.ndarray, spacing) -> None:
+    """Our four metrics equal medpy's dc, jc, hd95, asd (same argument order: result, reference)."""
+    got = binary_metrics(pred, gt, spacing)
+    expected = {
+        "dice": medpy_binary.dc(pred, gt),
+        "jaccard": medpy_binary.jc(pred, gt),
+        "hd95": medpy_binary.hd95(pred, gt, voxelspacing=spacing),
+        "asd": medpy_binary.asd(pred, gt, voxelspacing=spacing),
+    }
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(float(value), rel=1e-9, abs=0.0), (key, got[key], value)
+
+
+@pytest.mark.parametrize("spacing", MEDPY_SPACINGS)
+@pytest.mark.parametrize("seed", range(8))
+def test_matches_medpy_on_random_3d_blobs(medpy_binary, seed: int, spacing) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    shape = tuple(int(n) for n in rng.integers(12, 30, size=3))
+    sigma = float(rng.choice([0.8, 1.5, 3.0]))
+    fraction = float(rng.choice([0.003, 0.03, 0.15, 0.5]))
+    gt = _random_blob(rng, shape, sigma, fraction)
+    if seed % 2 == 0:  # a prediction correlated with the ground truth, as a trained model's would be
+        flipped = _random_blob(rng, shape, sigma, 0.1)  # blobby regions where pred and gt disagree
+        pred = (gt ^ flipped) | (rng.random(shape) < 0.002)  # plus a few isolated false positives
+    else:  # independent blobs of a different size
+        pred = _random_blob(rng, shape, float(rng.choice([1.0, 2.0])), float(rng.choice([0.01, 0.1, 0.4])))
+    if seed % 4 == 1:  # both touch the array border, on different faces
+        pred[0, : shape[1] // 2, :] = True
+        gt[:, :, -1] = True
+    assert pred.any() and gt.any()
+    _assert_matches_medpy(medpy_binary, pred, gt, spacing)
+    _assert_matches_medpy(medpy_binary, gt, pred, spacing)  # asd is one-directional
+
+
+@pytest.mark.parametrize("spacing", [None, (0.7, 2.0)])
+def test_matches_medpy_in_2d(medpy_binary, spacing) -> None:
+    rng = np.random.default_rng(7)
+    pred = _random_blob(rng, (48, 40), 2.0, 0.1)
+    gt = _random_blob(rng, (48, 40), 2.0, 0.1)
+    gt[:, 0] = True
+    _assert_matches_medpy(medpy_binary, pred, gt, spacing)
+
+
+def _edge_case_pairs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    shape = (7, 9, 8)
+    empty = np.zeros(shape, dtype=bool)
+    full = np.ones(shape, dtype=bool)
+    voxel = empty.copy()
+    voxel[3, 4, 5] = True
+    corner = empty.copy()
+    corner[0, 0, 0] = True
+    far_corner = empty.copy()
+    far_corner[-1, -1, -1] = True
+    cube = _cube(shape, 2, 3, 2, 3)
+    other_cube = _cube(shape, 0, 0, 5, 2)
+    return {
+        "single voxel, identical": (voxel, voxel.copy()),
+        "single voxel vs other single voxel": (corner, far_corner),
+        "single voxel at the cube's centre": (_single(shape, (3, 4, 3)), cube),
+        "single voxel vs cube": (corner, cube),
+        "identical cubes": (cube, cube.copy()),
+        "disjoint cubes": (cube, other_cube),
+        "full vs full": (full, full.copy()),
+        "full vs cube": (full, cube),
+        "full vs single corner voxel": (full, corner),
+        "full vs single inner voxel": (full, voxel),
+    }
+
+
+def _single(shape: tuple[int, ...], index: tuple[int, ...]) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[index] = True
+    return mask
+
+
+@pytest.mark.parametrize("spacing", MEDPY_SPACINGS)
+@pytest.mark.parametrize("case", list(_edge_case_pairs()))
+def test_matches_medpy_on_edge_cases(medpy_binary, case: str, spacing) -> None:
+    pred, gt = _edge_case_pairs()[case]
+    _assert_matches_medpy(medpy_binary, pred, gt, spacing)
+    _assert_matches_medpy(medpy_binary, gt, pred, spacing)
+
+
+def test_empty_masks_against_medpy(medpy_binary) -> None:
+    """Where medpy has no number, ours is our documented convention; elsewhere we agree."""
+    empty = np.zeros((5, 6, 7), dtype=bool)
+    cube = _cube((5, 6, 7), 1, 1, 1, 3)
+    for pred, gt in ((empty, cube), (cube, empty)):  # exactly one empty: dice and jaccard 0 in both
+        got = binary_metrics(pred, gt)
+        assert got["dice"] == medpy_binary.dc(pred, gt) == 0.0
+        assert got["jaccard"] == medpy_binary.jc(pred, gt) == 0.0
+    # Both empty: jc falls back to 1 like ours; medpy 0.5.2's dc divides numpy integers 0 / 0.0, which
+    # gives NaN (with a RuntimeWarning) instead of reaching its ZeroDivisionError fallback of 1.
+    assert binary_metrics(empty, empty)["jaccard"] == medpy_binary.jc(empty, empty) == 1.0
+    with np.errstate(invalid="ignore"):
+        medpy_dice = medpy_binary.dc(empty, empty)
+    assert binary_metrics(empty, empty)["dice"] == 1.0 and (medpy_dice == 1.0 or math.isnan(medpy_dice))
+    with pytest.raises(RuntimeError):
+        medpy_binary.hd95(empty, cube)
+    with pytest.raises(RuntimeError):
+        medpy_binary.asd(cube, empty)

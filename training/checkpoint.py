@@ -28,6 +28,7 @@ def build_metadata(config: dict, class_names: list[str], normalization: dict, me
         "in_channels": 1,
         "normalization": dict(normalization),
         "patch_size": list(config["data"]["patch_size"]),
+        "resize": (config.get("evaluation") or {}).get("resize", "linear"),
         "method": method,
         "network": {"name": "unet2d", **config["model"]},
         "mpcl_version": mpcl.__version__,

@@ -7,6 +7,7 @@ are validated by the chosen method's own parameter dataclass.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from mpcl.errors import ConfigError
+from mpcl.training.protocol import PROTOCOLS, apply_protocol
 
 # SSL4MIS `patients_to_slices` for ACDC: labelled patients -> first N lines of train_slices.list.
 ACDC_PATIENTS_TO_SLICES = {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312, 140: 1312}
@@ -53,8 +55,14 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Weak view (geometry) and strong view (intensity) parameters; see mpcl.training.data.augment."""
+    """Weak view (geometry) and strong view (intensity) parameters; see mpcl.training.data.augment.
 
+    ``policy: published`` is SSL4MIS/BCP's RandomGenerator (rot90+flip with probability ½, else an
+    integer rotation in [-20, 20) degrees with probability ½, else nothing; then a nearest-neighbour
+    zoom to the patch); the rotation and scale keys below apply to ``policy: affine`` (this project's
+    earlier view: one bilinear affine resampling with random scaling)."""
+
+    policy: Literal["published", "affine"] = "published"
     rot90_flip_prob: float = 0.5
     rotation_degrees: float = 20.0
     scale_range: tuple[float, float] = (0.9, 1.1)
@@ -74,6 +82,20 @@ class ModelConfig:
     dropout: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5])
     decoder_dropout: float = 0.0
     deep_supervision: bool = False
+    # bilinear: 1x1 conv + bilinear x2, as SSL4MIS's and BCP's UNet (1.81 M parameters with 4 classes)
+    upsampling: Literal["bilinear", "transposed"] = "bilinear"
+
+
+@dataclass
+class EvaluationConfig:
+    """How validation and test volumes are segmented and scored (and how the package segments)."""
+
+    # nearest: each slice zoomed to the patch and the predicted labels zoomed back with order 0, as the
+    # SSL4MIS/BCP test scripts; linear: bilinear image resize and class probabilities resized back
+    resize: Literal["nearest", "linear"] = "nearest"
+    # zero: a class predicted empty scores Dice, Jaccard, HD95 and ASD 0 (BCP's test_ACDC.py);
+    # undefined: its HD95/ASD are undefined and left out of the means (counted as n_undefined)
+    empty_prediction: Literal["zero", "undefined"] = "zero"
 
 
 @dataclass
@@ -106,11 +128,14 @@ class ExperimentConfig:
     experiment: str = "experiment"
     output_dir: str = "runs/experiment"
     seed: int = 1337
+    # which code path the defaults reproduce (mpcl.training.protocol); explicit keys still win
+    protocol: Literal["published", "legacy"] = "published"
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -244,6 +269,11 @@ def _check_ranges(config: ExperimentConfig) -> None:
 def config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
     """Validate a plain mapping (e.g. parsed YAML) into an ExperimentConfig; errors name ``source``."""
     try:
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a mapping of config sections, got {data!r}")
+        if data.get("protocol", "published") not in PROTOCOLS:
+            raise ConfigError(f"config.protocol must be one of {list(PROTOCOLS)}, got {data['protocol']!r}")
+        data = apply_protocol(copy.deepcopy(data))
         config = dataclass_from_dict(ExperimentConfig, data, "config")
         _check_ranges(config)
         from mpcl.training.methods import method_class, method_params_from_config

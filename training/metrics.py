@@ -13,12 +13,19 @@ numpy and scipy.ndimage, and the definitions below reproduce ``medpy.metric.bina
 * hd95    = 95th percentile (numpy linear interpolation) of concat(d(P→G), d(G→P))  (medpy ``hd95``)
 * asd     = mean of d(P→G): one-directional, from prediction to ground truth         (medpy ``asd``)
 
-Conventions where medpy raises or returns an arbitrary value (empty masks):
+Conventions where medpy raises (HD95/ASD of an empty mask) or has no number (medpy 0.5.2's ``dc`` of
+two empty masks is NaN, its ``jc`` 1):
 
 * both masks empty        -> dice 1, jaccard 1, hd95 0, asd 0  (a perfect "nothing here" answer);
-* exactly one mask empty  -> dice 0, jaccard 0, hd95 NaN, asd NaN. A distance to an empty set is
-  undefined, so we never invent a number (such as the image diagonal); the NaNs are counted as
-  ``n_undefined`` by :func:`summarize` and left out of its means.
+* ground truth empty, prediction not -> dice 0, jaccard 0, hd95 NaN, asd NaN. A distance to an
+  empty set is undefined, so we never invent a number (such as the image diagonal); the NaNs are
+  counted as ``n_undefined`` by :func:`summarize` and left out of its means.
+* prediction empty, ground truth not: set by ``empty_prediction``. ``"undefined"`` (default) treats it
+  like the case above (dice 0, jaccard 0, hd95 NaN, asd NaN). ``"zero"`` is the published BCP
+  convention (its ACDC test script ``code/test_ACDC.py`` scores such a class 0, 0, 0, 0): all four
+  metrics 0, and those zeros enter the means, so a missed structure gets the best possible distance;
+  use it only to compare with numbers reported that way. In both modes :func:`multiclass_metrics`
+  flags such classes (``empty_prediction``) and :func:`summarize` counts them (``n_empty_prediction``).
 
 ``spacing`` is per array axis, in the array's axis order (for a SimpleITK (z, y, x) array that is
 (sz, sy, sx), see ``Volume.array_spacing``); ``None`` means 1 along every axis.
@@ -34,12 +41,16 @@ voxel in the box is found inside it, and the erosion sees the same neighbourhood
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
 METRIC_NAMES: tuple[str, ...] = ("dice", "jaccard", "hd95", "asd")
 MEAN_KEY = "mean"
+EMPTY_PREDICTION_KEY = "empty_prediction"  # per-class flag in multiclass_metrics results, not a metric
+EmptyPrediction = Literal["zero", "undefined"]
+EMPTY_PREDICTION_MODES: tuple[str, ...] = ("zero", "undefined")
 
 
 def _as_binary_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,15 +113,27 @@ def _overlap_scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     return 2.0 * inter / (n_pred + n_gt), inter / union
 
 
+def _check_empty_prediction(empty_prediction: str) -> None:
+    if empty_prediction not in EMPTY_PREDICTION_MODES:
+        raise ValueError(
+            f"empty_prediction must be one of {EMPTY_PREDICTION_MODES}, got {empty_prediction!r}"
+        )
+
+
 def binary_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    empty_prediction: EmptyPrediction = "undefined",
 ) -> dict[str, float]:
     """Dice, Jaccard, HD95 and ASD of one binary mask pair, identical to medpy (see module docstring).
 
     ``pred``/``gt``: same-shape arrays (2D or 3D), nonzero = foreground. ``spacing``: voxel size per
     array axis in array order (None = 1). Distances are in ``spacing`` units; NaN when exactly one
-    mask is empty.
+    mask is empty, except that ``empty_prediction="zero"`` scores an empty ``pred`` with non-empty
+    ``gt`` as 0 for all four metrics (the BCP convention).
     """
+    _check_empty_prediction(empty_prediction)
     pred_b, gt_b = _as_binary_pair(pred, gt)
     sampling = _normalize_spacing(spacing, pred_b.ndim)
     dice, jaccard = _overlap_scores(pred_b, gt_b)
@@ -118,6 +141,8 @@ def binary_metrics(
     gt_empty = not gt_b.any()
     if pred_empty and gt_empty:
         return {"dice": dice, "jaccard": jaccard, "hd95": 0.0, "asd": 0.0}
+    if pred_empty and empty_prediction == "zero":
+        return {"dice": 0.0, "jaccard": 0.0, "hd95": 0.0, "asd": 0.0}
     if pred_empty or gt_empty:
         return {"dice": dice, "jaccard": jaccard, "hd95": float("nan"), "asd": float("nan")}
 
@@ -151,8 +176,15 @@ def multiclass_metrics(
     gt_labels: np.ndarray,
     num_classes: int,
     spacing: Sequence[float] | None = None,
-) -> dict[int, dict[str, float]]:
-    """binary_metrics for every foreground class 1..num_classes-1 (label 0 is background)."""
+    empty_prediction: EmptyPrediction = "undefined",
+) -> dict[int, dict[str, float | bool]]:
+    """binary_metrics for every foreground class 1..num_classes-1 (label 0 is background).
+
+    Each class's dict holds the four metrics plus ``"empty_prediction"``: True when that class is
+    absent from the prediction but present in the ground truth (a fact, whichever
+    ``empty_prediction`` convention scored it; see the module docstring).
+    """
+    _check_empty_prediction(empty_prediction)
     pred_arr = np.asarray(pred_labels)
     gt_arr = np.asarray(gt_labels)
     if pred_arr.shape != gt_arr.shape:
@@ -165,7 +197,14 @@ def multiclass_metrics(
         )
     _check_labels(pred_arr, num_classes, "pred_labels")
     _check_labels(gt_arr, num_classes, "gt_labels")
-    return {c: binary_metrics(pred_arr == c, gt_arr == c, spacing) for c in range(1, int(num_classes))}
+    per_class: dict[int, dict[str, float | bool]] = {}
+    for c in range(1, int(num_classes)):
+        pred_c, gt_c = pred_arr == c, gt_arr == c
+        per_class[c] = {
+            **binary_metrics(pred_c, gt_c, spacing, empty_prediction),
+            EMPTY_PREDICTION_KEY: bool(gt_c.any() and not pred_c.any()),
+        }
+    return per_class
 
 
 def _nan_stats(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -185,17 +224,30 @@ def _nanmean_or_nan(values: Sequence[float]) -> float:
     return float(defined.mean()) if defined.size else float("nan")
 
 
-def summarize(per_case: list[dict[int, dict[str, float]]], class_names: list[str]) -> dict:
+def _count_flag(flags: Sequence[bool | None]) -> int | None:
+    """How many flags are True; None (unknown) if any case lacks the flag (hand-built per-case dicts)."""
+    if any(flag is None for flag in flags):
+        return None
+    return sum(bool(flag) for flag in flags)
+
+
+def summarize(per_case: list[dict[int, dict[str, float | bool]]], class_names: list[str]) -> dict:
     """Per-class and overall mean/std/n_undefined of each metric over cases, JSON-ready.
 
     ``per_case``: one :func:`multiclass_metrics` result per case. ``class_names``: all class names
     indexed by label value, index 0 being background (as ``SegmentationData.class_names``); one
     entry per foreground name is produced, plus ``"mean"``.
 
-    Returns ``{name: {metric: {"mean", "std", "n_undefined"}}}``. NaNs are left out of mean and std
-    (population std, ddof=0) and counted in ``n_undefined``; a statistic with no defined value is
-    ``None``. For ``"mean"`` each case is first averaged over its foreground classes with defined
-    values (NaN if none), then those per-case means are summarised the same way.
+    Returns ``{name: {metric: {"mean", "std", "n_undefined"}, "n_empty_prediction": int}}``. NaNs are
+    left out of mean and std (population std, ddof=0) and counted in ``n_undefined``; a statistic with
+    no defined value is ``None``. For ``"mean"`` each case is first averaged over its foreground
+    classes with defined values (NaN if none), then those per-case means are summarised the same way.
+
+    ``n_empty_prediction`` counts the cases whose ``"empty_prediction"`` flag is set for that class
+    (prediction empty, ground truth not); for ``"mean"``, the cases where it is set for at least one
+    class. Those cases are in ``n_undefined`` of hd95/asd under the "undefined" convention and in the
+    means (as 0) under "zero". It is ``None`` when some case has no flag (per-case dicts not made by
+    :func:`multiclass_metrics`).
     """
     if not per_case:
         raise ValueError("summarize needs at least one case, got an empty list")
@@ -213,12 +265,17 @@ def summarize(per_case: list[dict[int, dict[str, float]]], class_names: list[str
             raise ValueError(f"case {i} has no metrics for class ids {missing} (class_names: {class_names})")
 
     summary: dict = {}
-    for c, name in zip(fg_ids, fg_names, strict=True):
+    flags = [[case[c].get(EMPTY_PREDICTION_KEY) for c in fg_ids] for case in per_case]
+    for index, (c, name) in enumerate(zip(fg_ids, fg_names, strict=True)):
         summary[name] = {m: _nan_stats([case[c][m] for case in per_case]) for m in METRIC_NAMES}
+        summary[name]["n_empty_prediction"] = _count_flag([case_flags[index] for case_flags in flags])
     summary[MEAN_KEY] = {
         m: _nan_stats([_nanmean_or_nan([case[c][m] for c in fg_ids]) for case in per_case])
         for m in METRIC_NAMES
     }
+    summary[MEAN_KEY]["n_empty_prediction"] = _count_flag(
+        [None if None in case_flags else any(case_flags) for case_flags in flags]
+    )
     return summary
 
 

@@ -45,7 +45,15 @@ def select_device(name: str) -> torch.device:
 
 def build_network(config: ExperimentConfig, num_classes: int) -> UNet:
     model = config.model
-    return UNet(1, num_classes, model.channels, model.dropout, model.decoder_dropout, model.deep_supervision)
+    return UNet(
+        1,
+        num_classes,
+        model.channels,
+        model.dropout,
+        model.decoder_dropout,
+        model.deep_supervision,
+        model.upsampling,
+    )
 
 
 def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
@@ -113,6 +121,9 @@ class Trainer:
         self.metadata = build_metadata(
             config.to_dict(), data.class_names, data.normalization, config.method.name
         )
+        self.stage_switches = {
+            switch.iteration: switch for switch in self.method.stage_switches(train.iterations)
+        }
         self.start_iteration = 0
         self.best_dice = -1.0
         self.best_iteration = -1
@@ -180,6 +191,8 @@ class Trainer:
             self.data.class_names,
             tuple(self.config.data.patch_size),
             self.device,
+            resize=self.config.evaluation.resize,
+            empty_prediction=self.config.evaluation.empty_prediction,
         )
         summary = result["summary"]
         mean_dice = float(summary["mean"]["dice"]["mean"])
@@ -209,6 +222,33 @@ class Trainer:
         train = self.config.train
         batch_size = min(len(images), train.labeled_batch + train.unlabeled_batch)
         recalibrate_batch_norm(model, images, tuple(self.config.data.patch_size), batch_size, self.device)
+
+    # -- stages --------------------------------------------------------------------------------
+    def start_stage(self, iteration: int) -> None:
+        """A method's new stage begins at ``iteration`` (see ``StageSwitch``): restore the stage's best
+        validation state if asked (kept as ``best_stage_end_<iteration>.pt``), copy the student into
+        the teacher, and pick ``best.pt`` among the new stage's validations only."""
+        switch, models = self.stage_switches[iteration], self.models
+        best = self.output_dir / "best.pt"
+        if switch.restore == "best" and best.exists():
+            state = load_checkpoint(best)
+            models.student.load_state_dict(state["student"])
+            if models.extra is not None:
+                models.extra.load_state_dict(state["extra"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.method.load_state_dict(state["method_state"])
+            best.replace(self.output_dir / f"best_stage_end_{iteration}.pt")
+            log.info(
+                "iteration %d: new stage starts from the previous stage's best (iteration %d, Dice %.4f)",
+                iteration,
+                self.best_iteration,
+                self.best_dice,
+            )
+        if models.teacher is not None:
+            models.teacher.load_state_dict(models.student.state_dict())
+        if models.teacher_extra is not None:
+            models.teacher_extra.load_state_dict(models.extra.state_dict())
+        self.best_dice, self.best_iteration = -1.0, -1
 
     # -- the loop ------------------------------------------------------------------------------
     def train_step(self, iteration: int, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
@@ -257,6 +297,8 @@ class Trainer:
             for iteration, batch in enumerate(
                 prefetch(self.batches, self.start_iteration, stop), self.start_iteration
             ):
+                if iteration in self.stage_switches:
+                    self.start_stage(iteration)
                 loss, terms, lr = self.train_step(iteration, batch)
                 completed = done = iteration + 1
                 if done % train.log_every == 0 or done == stop:
@@ -266,7 +308,7 @@ class Trainer:
                     self.train_log.append(row)
                     bar.set_postfix(loss=f"{loss.item():.4f}", best_dice=f"{max(self.best_dice, 0):.3f}")
                 bar.update(1)
-                if done % train.val_every == 0 or done == total:
+                if done % train.val_every == 0 or done == total or done in self.stage_switches:
                     validation_started = time.perf_counter()
                     self.validate(done)
                     validation_seconds += time.perf_counter() - validation_started
@@ -353,6 +395,7 @@ def stored_config(state: dict, source: str | Path, data_root: str | Path | None 
     """The validated config a loaded checkpoint was trained with, its data read from ``data_root`` if
     given; errors name ``source``."""
     stored = copy.deepcopy(state["config"])
+    stored.setdefault("protocol", "legacy")  # written before protocols: the earlier choices were its defaults
     if data_root:
         stored["data"]["root"] = str(data_root)
     return config_from_dict(stored, f"{source} (stored config)")

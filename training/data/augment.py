@@ -1,7 +1,9 @@
 """Augmentation as small pure functions on numpy arrays (one slice at a time), composed into views.
 
-Weak view (geometry, applied identically to image and label): random 90° rotation + flip, or a small
-random rotation, random isotropic scaling, and the resize to the training patch, all done in one affine
+Weak view (geometry, applied identically to image and label), by ``augment.policy``: ``published`` is
+SSL4MIS/BCP's ``RandomGenerator`` (rot90 + flip, or an integer rotation with order-0 interpolation, or
+nothing; then an order-0 zoom to the patch); ``affine`` is random 90° rotation + flip, or a small random
+rotation, random isotropic scaling, and the resize to the training patch, all done in one bilinear affine
 resampling so the image is interpolated once. Strong view (intensity only, image only): brightness,
 contrast, gamma, blur, noise and cutout, for methods that ask for it.
 """
@@ -68,6 +70,29 @@ def affine_to_patch(
     return image_out, label_out
 
 
+def zoom_to_patch(
+    image: np.ndarray, label: np.ndarray | None, patch_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``scipy.ndimage.zoom(x, (ph / h, pw / w), order=0)`` of image and label, as RandomGenerator."""
+    factors = (patch_size[0] / image.shape[0], patch_size[1] / image.shape[1])
+    zoomed = ndimage.zoom(image, factors, order=0).astype(np.float32)
+    return zoomed, None if label is None else ndimage.zoom(label, factors, order=0)
+
+
+def published_view(
+    rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None, patch_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """SSL4MIS/BCP ``RandomGenerator``: with probability ½ rot90 + flip; otherwise with probability ½ a
+    rotation by an integer angle in [-20, 20) degrees (order 0, same shape); then the order-0 zoom."""
+    if rng.random() > 0.5:
+        image, label = random_rot90_flip(rng, image, label)
+    elif rng.random() > 0.5:
+        angle = int(rng.integers(-20, 20))
+        image = ndimage.rotate(image, angle, order=0, reshape=False)
+        label = None if label is None else ndimage.rotate(label, angle, order=0, reshape=False)
+    return zoom_to_patch(np.ascontiguousarray(image), label, patch_size)
+
+
 def weak_view(
     rng: np.random.Generator,
     image: np.ndarray,
@@ -75,7 +100,9 @@ def weak_view(
     patch_size: tuple[int, int],
     params: AugmentConfig,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """SSL4MIS-style geometric augmentation plus scaling, ending on the patch grid."""
+    """The geometric view of ``params.policy``, ending on the patch grid."""
+    if params.policy == "published":
+        return published_view(rng, image, label, patch_size)
     angle = 0.0
     if rng.random() < params.rot90_flip_prob:
         image, label = random_rot90_flip(rng, image, label)

@@ -9,7 +9,7 @@ updates the teacher.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -31,6 +31,16 @@ class Models:
 class StepInfo:
     iteration: int  # 0-based index of the current step
     total_iterations: int
+
+
+@dataclass(frozen=True)
+class StageSwitch:
+    """A new training stage starts at ``iteration``: the trainer puts the student (with its optimiser
+    and method state) back to the stage's ``best`` validation checkpoint or keeps the ``last`` step,
+    copies it into the teacher, and chooses ``best.pt`` among the new stage's checkpoints only."""
+
+    iteration: int
+    restore: Literal["best", "last"]
 
 
 class Method:
@@ -55,6 +65,10 @@ class Method:
     def check_batches(cls, params: Any, labeled_batch: int, unlabeled_batch: int) -> str | None:
         """A sentence saying why these batch sizes cannot work for the method, or None if they can."""
         return None
+
+    def stage_switches(self, total_iterations: int) -> list[StageSwitch]:
+        """Where the method's training stages change (e.g. BCP's pre-training → self-training)."""
+        return []
 
     def build_extra_modules(self, student: nn.Module) -> dict[str, nn.Module]:
         """Trainable modules besides the student (optimised with it, saved with checkpoints; the teacher

@@ -12,10 +12,12 @@ Three switchable components on top of a base method:
   class's prototypes) is trained on labelled pixels and aligned with the segmentation head on
   unlabelled pixels in both directions, each weighted by the teacher's confidence.
 
-``base.mix: none`` is the Mean Teacher base (teacher sees labelled + noisy unlabelled images, softmax-MSE
-consistency); ``base.mix: bcp`` is the bidirectional copy-paste base (prototypes from the mixed label map:
-ground truth where the pixel came from a labelled slice, confident pseudo-label elsewhere). With all three
-switches off the method *is* its base: the base's step runs unchanged (same RNG use, same result).
+``base.mix: none`` is the Mean Teacher base (softmax-MSE consistency against the teacher on the noisy
+unlabelled batch); ``base.mix: bcp`` is the bidirectional copy-paste base with BCP's own loss, passes and
+stage switch (prototypes from the mixed label map: ground truth where the pixel came from a labelled
+slice, confident pseudo-label elsewhere). MPCL always runs its own view of the base step; the teacher's
+extra passes the prototypes need run only when a component is on, so with all three switches off the
+result is the base's, bit for bit (tested).
 
 Choices the spec leaves open, and why:
 
@@ -31,6 +33,7 @@ Choices the spec leaves open, and why:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -41,7 +44,6 @@ from torch import nn
 from mpcl.errors import ConfigError
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.consistency import sigmoid_rampup, softmax_mse
-from mpcl.training.losses.dice import ce_dice_loss
 from mpcl.training.losses.prototypes import (
     IGNORE,
     diversity_loss,
@@ -54,8 +56,14 @@ from mpcl.training.losses.prototypes import (
     prototype_logits,
     separation_loss,
 )
-from mpcl.training.methods.base import Method, Models, StepInfo
-from mpcl.training.methods.bcp import BCP, BCPParams, check_copy_paste_batches, copy_paste_batch
+from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
+from mpcl.training.methods.bcp import (
+    BCP,
+    BCPParams,
+    check_copy_paste_batches,
+    copy_paste_loss,
+    copy_paste_step,
+)
 from mpcl.training.methods.mean_teacher import MeanTeacher, MeanTeacherParams, consistency_weight, noisy
 from mpcl.training.methods.prototype_bank import PrototypeBank
 from mpcl.training.methods.supervised import supervised_terms
@@ -79,6 +87,10 @@ class MPCLBaseParams:
     mask_ratio: float = 2 / 3
     unlabeled_weight: float = 0.5
     largest_component: bool = True
+    loss: Literal["published", "pixel_weighted"] = "published"
+    stage_switch: Literal["best", "last"] = "best"
+    connectivity: int = 8
+    forward_passes: Literal["separate", "joint"] = "separate"
 
 
 @dataclass
@@ -129,10 +141,19 @@ class PrototypeView:
 
     images: torch.Tensor  # (B, 1, H, W) the student's input
     student: UNetOutput
-    teacher: UNetOutput  # on the teacher's view of the same images (no gradient)
-    teacher_probabilities: torch.Tensor  # (B, C, H, W)
+    teacher: Callable[[], UNetOutput]  # the teacher on its view of the same images (no gradient), on
+    # demand: a base step never runs it, so switching every component off leaves the base unchanged
     labels: torch.Tensor  # (B, H, W) ground truth or confident pseudo-label, IGNORE elsewhere
     ground_truth: torch.Tensor  # (B, H, W) bool: pixel label is ground truth
+
+
+def join_outputs(outputs: list[UNetOutput]) -> UNetOutput:
+    """One UNetOutput for the concatenation of several passes' batches."""
+    return UNetOutput(
+        torch.cat([output.logits for output in outputs]),
+        [torch.cat(level) for level in zip(*(output.features for output in outputs), strict=True)],
+        [torch.cat(level) for level in zip(*(output.deep_logits for output in outputs), strict=True)],
+    )
 
 
 def _subset(cls: type, params: MPCLBaseParams):
@@ -183,16 +204,22 @@ class MPCL(Method):
 
     # -- the step --------------------------------------------------------------------------------
     def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
-        if not self.active:
-            return self.base_method.training_step(batch, models, step)
+        """The base's terms from MPCL's own view of the step, plus the prototype terms. With every
+        component off the view runs exactly the base's computation (same passes, same RNG draws)."""
         if self.params.base.mix == "bcp":
             terms, view = self._copy_paste_view(batch, models, step)
         else:
             terms, view = self._mean_teacher_view(batch, models, step)
-        terms.update(self._prototype_terms(view, models, step))
+        if self.active:
+            terms.update(self._prototype_terms(view, models, step))
         return terms
 
+    def stage_switches(self, total_iterations: int) -> list[StageSwitch]:
+        return self.base_method.stage_switches(total_iterations)
+
     def _mean_teacher_view(self, batch: Batch, models: Models, step: StepInfo):
+        """Mean Teacher's step (student on labelled + unlabelled, teacher on the noisy unlabelled batch
+        alone); the teacher sees the labelled images in a pass of their own, only for the prototypes."""
         base = self.base_method.params
         n_labeled = batch.labeled_image.shape[0]
         images = torch.cat([batch.labeled_image, batch.unlabeled_image])
@@ -201,19 +228,14 @@ class MPCL(Method):
         terms = supervised_terms(
             models, batch, base.deep_supervision_weight, (student.logits[:n_labeled], deep)
         )
-        teacher_input = torch.cat(
-            [
-                batch.labeled_image,
-                noisy(batch.unlabeled_image, base.teacher_noise_std, base.teacher_noise_clip),
-            ]
-        )
+        teacher_input = noisy(batch.unlabeled_image, base.teacher_noise_std, base.teacher_noise_clip)
         with torch.no_grad():
-            teacher = models.teacher.forward_features(teacher_input)
-            teacher_probabilities = torch.softmax(teacher.logits, dim=1)
+            teacher_unlabeled = models.teacher.forward_features(teacher_input)
+            unlabeled_probabilities = torch.softmax(teacher_unlabeled.logits, dim=1)
         terms["consistency"] = consistency_weight(base, step) * softmax_mse(
-            student.logits[n_labeled:], teacher_probabilities[n_labeled:]
+            student.logits[n_labeled:], unlabeled_probabilities
         )
-        confidence, pseudo = teacher_probabilities[n_labeled:].max(dim=1)
+        confidence, pseudo = unlabeled_probabilities.max(dim=1)
         pseudo = torch.where(confidence >= self.params.tau_conf, pseudo, torch.full_like(pseudo, IGNORE))
         labels = torch.cat([batch.labeled_label, pseudo])
         ground_truth = torch.cat(
@@ -222,21 +244,37 @@ class MPCL(Method):
                 torch.zeros_like(pseudo, dtype=torch.bool),
             ]
         )
-        return terms, PrototypeView(images, student, teacher, teacher_probabilities, labels, ground_truth)
+
+        @torch.no_grad()
+        def teacher() -> UNetOutput:
+            return join_outputs([models.teacher.forward_features(batch.labeled_image), teacher_unlabeled])
+
+        return terms, PrototypeView(images, student, teacher, labels, ground_truth)
 
     def _copy_paste_view(self, batch: Batch, models: Models, step: StepInfo):
-        mixed = copy_paste_batch(self.base_method.params, self.num_classes, batch, models, step)
-        student = models.student.forward_features(mixed.images)
-        terms = {mixed.stage: ce_dice_loss(student.logits, mixed.target, mixed.weight)}
-        with torch.no_grad():
-            teacher = models.teacher.forward_features(mixed.images)
-            teacher_probabilities = torch.softmax(teacher.logits, dim=1)
+        """BCP's step (its mixed inputs, passes and loss); the teacher sees the mixed inputs, with the
+        base's passes, only for the prototypes."""
+        base = self.base_method.params
+        mixed = copy_paste_step(base, self.num_classes, batch, models, step)
+        inputs = [item.images for item in mixed.inputs]
+        if base.forward_passes == "separate":
+            outputs = [models.student.forward_features(images) for images in inputs]
+            student, logits = join_outputs(outputs), [output.logits for output in outputs]
+        else:
+            student = models.student.forward_features(torch.cat(inputs))
+            logits = list(torch.split(student.logits, [images.shape[0] for images in inputs]))
+        terms = {mixed.stage: copy_paste_loss(base, mixed, logits)}
+        target = mixed.target
         confident = mixed.confidence >= self.params.tau_conf  # ground-truth pixels have confidence 1
-        labels = torch.where(confident, mixed.target, torch.full_like(mixed.target, IGNORE))
-        view = PrototypeView(
-            mixed.images, student, teacher, teacher_probabilities, labels, mixed.from_labeled
-        )
-        return terms, view
+        labels = torch.where(confident, target, torch.full_like(target, IGNORE))
+
+        @torch.no_grad()
+        def teacher() -> UNetOutput:
+            if base.forward_passes == "separate":
+                return join_outputs([models.teacher.forward_features(images) for images in inputs])
+            return models.teacher.forward_features(torch.cat(inputs))
+
+        return terms, PrototypeView(mixed.images, student, teacher, labels, mixed.from_labeled)
 
     def mpcl_ramp(self, step: StepInfo) -> float:
         """r(t): zero during the warm-up, then the base's sigmoid ramp normalised to 1."""
@@ -251,8 +289,10 @@ class MPCL(Method):
         p, num_classes, k = self.params, self.num_classes, max(self.groups_per_class)
         stride = p.embed_stride
         z_student = models.extra["projection"](view.student.features)
+        teacher = view.teacher()
         with torch.no_grad():
-            z_teacher = models.teacher_extra["projection"](view.teacher.features)
+            teacher_probabilities = torch.softmax(teacher.logits, dim=1)
+            z_teacher = models.teacher_extra["projection"](teacher.features)
         labels = view.labels[:, ::stride, ::stride]  # nearest downsampling onto the embedding grid
         ground_truth = view.ground_truth[:, ::stride, ::stride]
         intensity = F.avg_pool2d(view.images, stride)[:, 0] if stride > 1 else view.images[:, 0]
@@ -306,7 +346,7 @@ class MPCL(Method):
                 terms["dka_alignment"] = (ramp * p.lambda_dka) * dual_alignment(
                     view.student.logits,
                     student_prototype_logits,
-                    view.teacher_probabilities,
+                    teacher_probabilities,
                     teacher_prototype_logits,
                     unlabeled,
                     p.tau_conf,
