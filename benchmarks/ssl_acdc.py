@@ -5,7 +5,8 @@ Every run starts from a shipped config (``configs/acdc_*``), so the benchmark me
 A budget overrides patch size, batch and iteration count *for every variant alike*; schedule keys of the
 method (``consistency_start``, ``pretrain_iterations``, ``warmup_iterations``, ``rampup_iterations``) are
 scaled by (budget iterations / config iterations), so e.g. BCP keeps a quarter of its run for
-pre-training whatever the budget.
+pre-training whatever the budget. Schedule keys a config leaves to its protocol's default (e.g. Mean
+Teacher's 150-iteration ramp step) are filled in before scaling.
 
 Each run is a child process (its own peak RSS, no state leaking between runs); finished runs are merged
 into ``benchmarks/results/ssl_acdc_<budget>.json`` as they complete, so a long list survives an
@@ -57,7 +58,13 @@ BUDGETS: dict[str, dict] = {
     # checks the whole pipeline on real data in about a minute; its numbers mean nothing.
     "smoke": {"patch": 64, "labeled_batch": 2, "unlabeled_batch": 2, "iterations": 4, "val_every": 4},
 }
-SCHEDULE_KEYS = {"consistency_start", "pretrain_iterations", "warmup_iterations", "rampup_iterations"}
+SCHEDULE_KEYS = {
+    "consistency_start",
+    "pretrain_iterations",
+    "warmup_iterations",
+    "rampup_iterations",
+    "rampup_step",
+}
 
 
 def _scale_schedule(params: dict, factor: float) -> dict:
@@ -85,6 +92,7 @@ def build_run_config(
     import yaml
 
     from mpcl.training.config import config_from_dict
+    from mpcl.training.protocol import apply_protocol
 
     config_path, overrides = VARIANTS[variant]
     data = yaml.safe_load((ROOT / config_path).read_text())
@@ -94,6 +102,7 @@ def build_run_config(
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    apply_protocol(data)  # so defaulted schedule keys are scaled too
     settings = BUDGETS[budget]
     data["experiment"] = f"{variant}_l{labeled}_s{seed}_{budget}"
     data["output_dir"] = str(output_dir)

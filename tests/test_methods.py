@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from mpcl.training.data.loading import load_data
@@ -31,7 +34,7 @@ def test_mean_teacher_terms_and_gradients(tiny_config):
 
 
 def test_consistency_is_off_before_start_and_ramps_to_lambda():
-    params = MeanTeacherParams(consistency=0.1, consistency_start=10, rampup_iterations=100)
+    params = MeanTeacherParams(consistency=0.1, consistency_start=10, rampup_iterations=100, rampup_step=1)
     assert consistency_weight(params, StepInfo(9, 1000)) == 0.0
     assert (
         0
@@ -40,8 +43,19 @@ def test_consistency_is_off_before_start_and_ramps_to_lambda():
         < 0.1
     )
     assert consistency_weight(params, StepInfo(100, 1000)) == 0.1
-    default_ramp = MeanTeacherParams(consistency=0.1, consistency_start=0)
+    default_ramp = MeanTeacherParams(consistency=0.1, consistency_start=0, rampup_step=1)
     assert consistency_weight(default_ramp, StepInfo(999, 1000)) < 0.1  # whole run by default, as SSL4MIS
+
+
+def test_consistency_ramp_moves_in_ssl4mis_epochs():
+    """SSL4MIS: consistency · sigmoid_rampup(iter_num // 150, 200), i.e. 0.1·exp(−5(1 − ⌊t/150⌋/200)²)."""
+    params = MeanTeacherParams(consistency=0.1, consistency_start=1000)
+    for t in (1000, 1149, 1150, 15_000, 29_999):
+        expected = 0.1 * math.exp(-5 * (1 - min((t // 150) / 200, 1)) ** 2)
+        assert consistency_weight(params, StepInfo(t, 30_000)) == pytest.approx(expected, rel=1e-12)
+    assert consistency_weight(params, StepInfo(1000, 30_000)) == consistency_weight(
+        params, StepInfo(1049, 30_000)
+    )
 
 
 def test_deep_supervision_term_when_enabled(tiny_config):

@@ -4,13 +4,15 @@
 scripts: bilinear-upsampling U-Net, their augmentation (rot90+flip, or an integer rotation in [-20, 20)
 degrees, or nothing; then a nearest-neighbour zoom to the patch), BCP's region-wise ``mix_loss``, stage
 switch from the best pre-training checkpoint, 8-connected largest components, one forward pass per mixed
-half, nearest-neighbour resizing at test time and BCP's "empty prediction scores 0" metric convention.
+half, the consistency ramp in 150-iteration steps, nearest-neighbour resizing at test time and BCP's
+"empty prediction scores 0" metric convention.
 
 ``protocol: legacy`` is this project's earlier choices (transposed-convolution decoder, one affine
 bilinear resampling with random scaling, pixel-weighted loss, teacher reset to the last pre-training
-step, 4-connectivity, joint forward passes, bilinear test resizing, HD95 undefined for empty
-predictions). A legacy preset only fills keys the config leaves out, so each choice is also a named
-option on its own; a run records every key whose value differs from the published one as a deviation.
+step, 4-connectivity, joint forward passes, a ramp moved every iteration, bilinear test resizing, HD95
+undefined for empty predictions). A preset only fills keys the config leaves out, so each choice is also
+a named option on its own; a run records every key whose value differs from the published one as a
+deviation.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ PUBLISHED_COPY_PASTE: dict[str, Any] = {
     "connectivity": 8,
     "forward_passes": "separate",
 }
+# keys of the Mean Teacher base, relative to where the method keeps them
+PUBLISHED_MEAN_TEACHER: dict[str, Any] = {"rampup_step": 150}
+LEGACY_MEAN_TEACHER: dict[str, Any] = {"rampup_step": 1}
 LEGACY: dict[str, Any] = {
     "model.upsampling": "transposed",
     "augment.policy": "affine",
@@ -76,14 +81,27 @@ def _setdefault(data: dict, dotted: str, value: Any) -> None:
     node.setdefault(leaf, value)
 
 
+def mean_teacher_prefix(method: dict) -> str | None:
+    """Where a method config keeps the Mean Teacher base's keys, or None if it has no such base."""
+    params = method.get("params") or {}
+    if method.get("name") == "mean_teacher":
+        return "method.params"
+    if method.get("name") == "mpcl" and (params.get("base") or {}).get("mix", "none") == "none":
+        return "method.params.base"
+    return None
+
+
 def presets(data: dict) -> dict[str, Any]:
     """The protocol's value for every key it governs in this config (dotted key -> value)."""
     legacy = data.get("protocol") == "legacy"
     values = dict(LEGACY if legacy else PUBLISHED)
-    prefix = copy_paste_prefix(data.get("method") or {})
-    if prefix is not None:
-        for key, value in (LEGACY_COPY_PASTE if legacy else PUBLISHED_COPY_PASTE).items():
-            values[f"{prefix}.{key}"] = value
+    method = data.get("method") or {}
+    for prefix, keys in (
+        (copy_paste_prefix(method), LEGACY_COPY_PASTE if legacy else PUBLISHED_COPY_PASTE),
+        (mean_teacher_prefix(method), LEGACY_MEAN_TEACHER if legacy else PUBLISHED_MEAN_TEACHER),
+    ):
+        if prefix is not None:
+            values.update({f"{prefix}.{key}": value for key, value in keys.items()})
     return values
 
 

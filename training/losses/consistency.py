@@ -7,15 +7,17 @@ import math
 import torch
 
 
-def sigmoid_rampup(iteration: int, length: int) -> float:
+def sigmoid_rampup(iteration: int, length: int, step: int = 1) -> float:
     """exp(−5(1−x)²) with x = iteration / length capped at 1: the Mean Teacher / SSL4MIS ramp-up.
 
-    Counted in iterations rather than SSL4MIS's 150-iteration "epochs" (a smoother staircase of the
-    same curve). Methods gate it separately (e.g. no consistency before iteration 1000).
+    With ``step`` > 1 the iteration is first floored to a multiple of ``step``: SSL4MIS counts the ramp
+    in 150-iteration "epochs" (``sigmoid_rampup(iter_num // 150, 200)``), a staircase of the same curve.
+    Methods gate it separately (e.g. no consistency before iteration 1000).
     """
     if length <= 0:
         return 1.0
-    phase = 1.0 - min(max(iteration, 0) / length, 1.0)
+    iteration = (max(iteration, 0) // step) * step
+    phase = 1.0 - min(iteration / length, 1.0)
     return float(math.exp(-5.0 * phase * phase))
 
 

@@ -19,6 +19,7 @@ class MeanTeacherParams:
     consistency: float = 0.1  # λ, the weight the ramp-up reaches
     rampup_iterations: int | None = None  # None: the whole run, as SSL4MIS (200 epochs × 150 = 30 000)
     consistency_start: int = 1000  # no consistency before this iteration
+    rampup_step: int = 150  # the ramp moves every 150 iterations, as SSL4MIS's "epochs"; 1: every step
     teacher_noise_std: float = 0.1
     teacher_noise_clip: float = 0.2
     deep_supervision_weight: float = 0.0
@@ -33,7 +34,7 @@ def consistency_weight(params: MeanTeacherParams, step: StepInfo) -> float:
     if step.iteration < params.consistency_start:
         return 0.0
     length = params.rampup_iterations if params.rampup_iterations is not None else step.total_iterations
-    return params.consistency * sigmoid_rampup(step.iteration, length)
+    return params.consistency * sigmoid_rampup(step.iteration, length, params.rampup_step)
 
 
 class MeanTeacher(Method):

@@ -80,6 +80,7 @@ class MPCLBaseParams:
     rampup_iterations: int | None = None  # ramp of consistency and of the MPCL terms; None: whole run
     consistency: float = 0.1
     consistency_start: int = 1000
+    rampup_step: int = 150
     teacher_noise_std: float = 0.1
     teacher_noise_clip: float = 0.2
     deep_supervision_weight: float = 0.0
