@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def cpu_description() -> dict[str, object]:
-    """The CPU model name and whether it has AVX-512F (which ONNX Runtime's kernels use when present)."""
+    """The CPU model name and its vector/bf16 features: AVX-512F (which ONNX Runtime's kernels use when
+    present) and native bf16 (AVX512_BF16 or AMX), which decides whether bf16 training is fast."""
     model, flags = platform.processor(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -22,7 +23,12 @@ def cpu_description() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"processor": model, "avx512f": "avx512f" in flags}
+    return {
+        "processor": model,
+        "avx512f": "avx512f" in flags,
+        "avx2": "avx2" in flags,
+        "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+    }
 
 
 def machine_record(threads: int, note: str, with_torch: bool = False) -> dict[str, object]:

@@ -30,6 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_description  # noqa: E402  (benchmarks/ is not a package)
+from paired_comparison import describe, paired_difference  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -43,9 +47,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "mpcl_bcp_no_ihpg": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.ihpg": False}),
     "mpcl_bcp_no_pso": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.pso": False}),
     "mpcl_bcp_no_dka": ("configs/acdc_mpcl_3labeled.yaml", {"method.params.dka": False}),
-    "barl": ("configs/acdc_barl_3labeled.yaml", {}),
-    "pccs": ("configs/acdc_pccs_3labeled.yaml", {"method.params.sdm_levels": "bands"}),  # tiny rings at 128²
+    "barl_bcp": ("configs/acdc_barl_3labeled.yaml", {}),
+    "pccs_bcp": (
+        "configs/acdc_pccs_3labeled.yaml",
+        {"method.params.sdm_levels": "bands"},
+    ),  # tiny rings at 128²
 }
+# (A, B) pairs whose paired difference A − B the report states when both have runs with common seeds
+COMPARISONS = [
+    ("mpcl_bcp", "bcp"),
+    ("bcp", "mean_teacher"),
+    ("mean_teacher", "supervised"),
+    ("mpcl_bcp_no_ihpg", "mpcl_bcp"),
+    ("mpcl_bcp_no_pso", "mpcl_bcp"),
+    ("mpcl_bcp_no_dka", "mpcl_bcp"),
+    ("pccs_bcp", "bcp"),
+    ("barl_bcp", "bcp"),
+]
 
 # Budgets: overrides applied to every variant. ``paper`` is the SSL4MIS protocol as configured (GPU).
 BUDGETS: dict[str, dict] = {
@@ -161,23 +179,9 @@ def provenance(config) -> dict:
         "protocol": describe_protocol(plain),
         "config_hash": config_hash(plain),
         "torch": torch.__version__,
-        "cpu": cpu_model(),
+        "cpu": cpu_description(),
         "threads": torch.get_num_threads(),
     }
-
-
-def cpu_model() -> str:
-    """The CPU's model name and whether it has native bf16/AMX (the machine changes between sessions)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")
-    flags = next(
-        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []
-    )
-    extras = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{name} ({', '.join(extras) or 'no avx2'})"
 
 
 def run_one(
@@ -273,18 +277,19 @@ def markdown_table(report: dict) -> str:
     for run in report["runs"]:
         groups.setdefault((run["variant"], run["labeled_patients"]), []).append(run)
     class_names = [name for name in report["runs"][0]["test"] if name not in ("mean", "background")]
-    header = ["variant", "labelled", "seeds", "mean Dice %", "Jaccard %", "HD95", "ASD"]
+    header = ["variant", "labelled", "seeds", "mean Dice %", "Jaccard %", "HD95", "ASD", "empty"]
     header += [f"Dice {name} %" for name in class_names] + ["s/it", "train min"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    order = list(VARIANTS)
+    order = {name: index for index, name in enumerate(VARIANTS)}  # variants of older code sort last
     for (variant, labeled), runs in sorted(
-        groups.items(), key=lambda item: (item[0][1], order.index(item[0][0]))
+        groups.items(), key=lambda item: (item[0][1], order.get(item[0][0], len(order)), item[0][0])
     ):
         scale = {"dice": 100, "jaccard": 100, "hd95": 1, "asd": 1}
         cells = [variant, str(labeled), ",".join(str(run["seed"]) for run in runs)]
         cells += [
             _mean_sd([_scaled(run["test"]["mean"][m]["mean"], scale[m]) for run in runs]) for m in METRICS
         ]
+        cells.append(_mean_sd([_empty_predictions(run, class_names) for run in runs]))
         cells += [_mean_sd([run["test"][name]["dice"]["mean"] * 100 for run in runs]) for name in class_names]
         cells += [
             f"{statistics.median(run['seconds_per_iteration'] for run in runs):.2f}",
@@ -292,6 +297,28 @@ def markdown_table(report: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _empty_predictions(run: dict, class_names: list[str]) -> float | None:
+    """(volume, class) cases whose prediction was empty while the ground truth was not."""
+    counts = [run["test"][name].get("n_empty_prediction") for name in class_names]
+    return None if any(count is None for count in counts) else float(sum(counts))
+
+
+def comparisons(report: dict) -> list[str]:
+    """The paired differences of :data:`COMPARISONS` that the report's runs support, as sentences."""
+    sentences = []
+    for labeled in sorted({run["labeled_patients"] for run in report["runs"]}):
+        runs = [run for run in report["runs"] if run["labeled_patients"] == labeled]
+        for name_a, name_b in COMPARISONS:
+            runs_a = [run for run in runs if run["variant"] == name_a]
+            runs_b = [run for run in runs if run["variant"] == name_b]
+            if not {run["seed"] for run in runs_a} & {run["seed"] for run in runs_b}:
+                continue
+            result = paired_difference(runs_a, runs_b)
+            report.setdefault("comparisons", {})[f"{name_a}-{name_b}@{labeled}"] = result
+            sentences.append(f"- {labeled} labelled: " + describe(name_a, name_b, result))
+    return sentences
 
 
 def _load_report(path: Path, budget: str) -> dict:
@@ -309,17 +336,35 @@ def _write_report(report: dict, json_path: Path) -> None:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    order = {name: index for index, name in enumerate(VARIANTS)}
     report["runs"].sort(
-        key=lambda run: (run["labeled_patients"], list(VARIANTS).index(run["variant"]), run["seed"])
+        key=lambda run: (
+            run["labeled_patients"],
+            order.get(run["variant"], len(order)),
+            run["variant"],
+            run["seed"],
+        )
     )
+    sentences = comparisons(report)
     temporary = json_path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(report, indent=1))
     temporary.replace(json_path)
+    runs = report["runs"]
+    commits = sorted({run.get("commit", "not recorded") for run in runs})
+    protocols = sorted({json.dumps(run.get("protocol", "not recorded"), sort_keys=True) for run in runs})
     json_path.with_suffix(".md").write_text(
         f"# ACDC semi-supervised benchmark, budget `{report['budget']}`\n\n"
         f"Budget settings: `{json.dumps(report['budget_settings'])}`. Test set: 40 volumes; metrics of "
         "the best-validation checkpoint; mean ± sd over seeds where several. HD95 and ASD are in voxels "
-        "(the ACDC h5 files store no spacing).\n\n" + markdown_table(report)
+        "(the ACDC h5 files store no spacing). `empty`: (volume, class) cases predicted empty although "
+        "the class is present; under `evaluation.empty_prediction: zero` (BCP's test script) each scores "
+        "Dice, HD95 and ASD 0 and counts in the means. Commits: "
+        + ", ".join(f"`{commit}`" for commit in commits)
+        + "; protocols: "
+        + ", ".join(f"`{protocol}`" for protocol in protocols)
+        + ".\n\n"
+        + markdown_table(report)
+        + ("\n## Paired differences\n\n" + "\n".join(sentences) + "\n" if sentences else "")
     )
 
 

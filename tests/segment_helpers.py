@@ -35,7 +35,9 @@ def oblique_direction() -> tuple[float, ...]:
 GEOMETRY = ImageGeometry(spacing=(0.8, 0.9, 6.5), origin=(-20.5, 14.25, 33.0), direction=oblique_direction())
 
 
-def make_checkpoint(path: Path, seed: int = 0, normalization: dict | None = None, class_names=None) -> Path:
+def make_checkpoint(
+    path: Path, seed: int = 0, normalization: dict | None = None, class_names=None, resize: str = "linear"
+) -> Path:
     """A training-format checkpoint of a tiny, randomly initialised U-Net (BN statistics made non-trivial)."""
     import torch
 
@@ -43,7 +45,11 @@ def make_checkpoint(path: Path, seed: int = 0, normalization: dict | None = None
     from mpcl.training.networks.unet import UNet
 
     names = list(class_names or CLASS_NAMES)
-    config = {"data": {"patch_size": list(PATCH)}, "model": {"channels": list(TINY_CHANNELS)}}
+    config = {
+        "data": {"patch_size": list(PATCH)},
+        "model": {"channels": list(TINY_CHANNELS)},
+        "evaluation": {"resize": resize},
+    }
     metadata = build_metadata(config, names, normalization or {"scheme": "zscore"}, "mean_teacher")
     torch.manual_seed(seed)
     model = UNet(1, len(names), TINY_CHANNELS)

@@ -200,22 +200,28 @@ def _trainer(tmp_path, iterations=4, subdir="run", **params):
 
 @pytest.mark.parametrize(
     ("base", "params"),
-    [("mean_teacher", {}), ("bcp", {"pretrain_iterations": 1})],
+    [("mean_teacher", {"consistency_start": 0}), ("bcp", {"pretrain_iterations": 2})],
 )
 def test_all_switches_off_is_the_base_method_bit_for_bit(tmp_path, base, params):
-    def two_steps(trainer):  # each trainer seeds torch when built: build, then train, one at a time
-        for iteration in range(2):
-            trainer.train_step(iteration, trainer.batches(iteration))
+    """MPCL's own view code (not a hand-over to the base) with every component off: the same weights
+    as the base after the stage switch (BCP: restored best stage-1 state, teacher copy, self-training)."""
+
+    def trained(trainer):  # each trainer seeds torch when built: build, then train, one at a time
+        trainer.fit(stop_at=4, progress=False)
         return trainer
 
-    reference = two_steps(Trainer(*_config_and_data(tmp_path / "base", base, **params)))
+    reference = trained(Trainer(*_config_and_data(tmp_path / "base", base, **params)))
     mix = "bcp" if base == "bcp" else "none"
-    mpcl = two_steps(
-        _trainer(tmp_path, subdir="mpcl", ihpg=False, pso=False, dka=False, base={"mix": mix, **params})
-    )
-    assert mpcl.models.extra is None
+    mpcl = _trainer(tmp_path, subdir="mpcl", ihpg=False, pso=False, dka=False, base={"mix": mix, **params})
+    calls = []
+    view = mpcl.method._copy_paste_view if mix == "bcp" else mpcl.method._mean_teacher_view
+    setattr(mpcl.method, view.__name__, lambda *args: calls.append(1) or view(*args))
+    trained(mpcl)
+    assert len(calls) == 4 and mpcl.models.extra is None
     assert_same_state(reference.models.student, mpcl.models.student)
     assert_same_state(reference.models.teacher, mpcl.models.teacher)
+    if base == "bcp":
+        assert (tmp_path / "mpcl" / "best_stage_end_2.pt").is_file()
 
 
 def _config_and_data(output_dir, method, **params):

@@ -117,6 +117,39 @@ def test_probabilities_match_training_evaluation(
     np.testing.assert_array_equal(labels_only.label_map, expected.argmax(0))
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_nearest_package_segments_as_training_evaluates(tmp_path, backend):
+    """A package trained under the published protocol resizes with scipy's order-0 zoom, as validation."""
+    import torch
+
+    from mpcl.export.pipeline import write_model_package
+    from mpcl.export.student import build_network_from_spec
+    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.training.data.base import Volume
+    from mpcl.training.evaluate import predict_labels
+    from tests.segment_helpers import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "best.pt", resize="nearest")
+    write_model_package(checkpoint, tmp_path / "model")
+    runtime = Segmenter.from_pretrained(tmp_path / "model", backend=backend, device="cpu")
+    package = runtime.package
+    assert package.resize == "nearest"
+    model = build_network_from_spec(package.network, 1, package.num_classes)
+    model.load_state_dict(load_checkpoint(tmp_path / "model" / "model.pt")["student"])
+    volume, spacing = phantom_volume((5, 37, 45)), (1.0, 1.2, 8.0)
+    expected = predict_labels(
+        model,
+        Volume("case", normalize_intensity(volume, package.normalization_scheme), None, spacing=spacing),
+        package.patch_size,
+        torch.device("cpu"),
+        resize="nearest",
+    )
+    np.testing.assert_array_equal(runtime((volume, spacing)).label_map, expected)
+    with_maps = runtime((volume, spacing), probabilities=True, uncertainty=True)
+    np.testing.assert_array_equal(with_maps.label_map, expected)
+    assert with_maps.probabilities.shape == (package.num_classes, *volume.shape)
+
+
 # -- geometry and input forms ----------------------------------------------------------------------------
 def _geometry_of(path):
     image = sitk.ReadImage(str(path))
