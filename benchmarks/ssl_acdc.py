@@ -2,11 +2,12 @@
 evaluate the best-validation checkpoint on the 40 test volumes, and keep the results in one JSON + table.
 
 Every run starts from a shipped config (``configs/acdc_*``), so the benchmark measures what users run.
-A budget overrides patch size, batch and iteration count *for every variant alike*; schedule keys of the
-method (``consistency_start``, ``pretrain_iterations``, ``warmup_iterations``, ``rampup_iterations``) are
-scaled by (budget iterations / config iterations), so e.g. BCP keeps a quarter of its run for
-pre-training whatever the budget. Schedule keys a config leaves to its protocol's default (e.g. Mean
-Teacher's 150-iteration ramp step) are filled in before scaling.
+A budget overrides patch size, batch and iteration count *for every variant alike* (a config that
+trains on labelled slices only, as SSL4MIS's supervised baseline, gets the whole batch labelled);
+schedule keys of the method (``consistency_start``, ``pretrain_iterations``, ``warmup_iterations``,
+``rampup_iterations``, ``rampup_step``) are scaled by (budget iterations / config iterations), so e.g.
+BCP keeps a quarter of its run for pre-training whatever the budget. Schedule keys a config leaves to
+its protocol's default (e.g. Mean Teacher's 150-iteration ramp step) are filled in before scaling.
 
 Each run is a child process (its own peak RSS, no state leaking between runs); finished runs are merged
 into ``benchmarks/results/ssl_acdc_<budget>.json`` as they complete, so a long list survives an
@@ -129,10 +130,11 @@ def build_run_config(
     if settings:
         factor = settings["iterations"] / data["train"]["iterations"]
         data["data"]["patch_size"] = [settings["patch"], settings["patch"]]
+        labelled_only = data["train"].get("unlabeled_batch") == 0  # e.g. SSL4MIS's supervised baseline
         data["train"].update(
             iterations=settings["iterations"],
-            labeled_batch=settings["labeled_batch"],
-            unlabeled_batch=settings["unlabeled_batch"],
+            labeled_batch=settings["labeled_batch"] + (settings["unlabeled_batch"] if labelled_only else 0),
+            unlabeled_batch=0 if labelled_only else settings["unlabeled_batch"],
             val_every=settings["val_every"],
             checkpoint_every=settings["iterations"],
         )
