@@ -136,6 +136,7 @@ def distill(
     teacher_dice: float,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    resize: str = "linear",
 ) -> DistillResult:
     """Train a ``config.channels`` U-Net from ``teacher``'s soft predictions; returns the best student.
     ``teacher`` is the trained network with its batch norms (a folded copy makes the soft labels).
@@ -187,7 +188,7 @@ def distill(
             row = {"iteration": done, "loss": float(loss.item()), **{k: float(v) for k, v in terms.items()}}
             if done % config.val_every == 0 or done == config.iterations:
                 student.eval()
-                row["val_dice"] = mean_dice(student, data.val_volumes, data.class_names, patch_size)
+                row["val_dice"] = mean_dice(student, data.val_volumes, data.class_names, patch_size, resize)
                 if row["val_dice"] > best_dice:
                     best_dice, best_iteration = row["val_dice"], done
                     best_state = copy.deepcopy(student.state_dict())

@@ -130,12 +130,14 @@ def backend_logits(backend, batch: np.ndarray, chunk: int = 16) -> np.ndarray:
     return np.concatenate([backend.run(batch[i : i + chunk]) for i in range(0, len(batch), chunk)])
 
 
-def mean_dice(model: nn.Module, volumes: Sequence[Volume], class_names: list[str], patch_size) -> float:
-    """Mean foreground Dice over ``volumes`` (training's per-volume evaluation protocol), on the device
-    the model's weights are on (the CPU for a wrapped backend)."""
+def mean_dice(
+    model: nn.Module, volumes: Sequence[Volume], class_names: list[str], patch_size, resize: str = "linear"
+) -> float:
+    """Mean foreground Dice over ``volumes`` (training's per-volume evaluation protocol, with the model's
+    ``resize``), on the device the model's weights are on (the CPU for a wrapped backend)."""
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    result = evaluate_volumes(model, volumes, class_names, tuple(patch_size), device)
+    result = evaluate_volumes(model, volumes, class_names, tuple(patch_size), device, resize=resize)
     if not result["summary"]:
         raise CheckFailed("the validation volumes have no labels, so the Dice gate cannot run")
     return float(result["summary"]["mean"]["dice"]["mean"])

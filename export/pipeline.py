@@ -178,7 +178,13 @@ def export_package(
 
     source_dice = None
     if options.needs_dice:
-        source_dice = mean_dice(fold_batch_norm(reference), data.val_volumes, data.class_names, patch)
+        source_dice = mean_dice(
+            fold_batch_norm(reference),
+            data.val_volumes,
+            data.class_names,
+            patch,
+            metadata.get("resize", "linear"),
+        )
         run.echo(f"source model: validation Dice {source_dice:.4f} on {len(data.val_volumes)} volumes")
 
     network, network_spec, distillation = reference, spec, None
@@ -224,7 +230,9 @@ def export_package(
         if options.needs_onnx:
             expected = torch_logits(network, batch)
             _onnx_fp32(run, stage, folded, in_channels, patch, batch, expected)
-            gate = _Gate(run, stage, batch, expected, data, source_dice, patch)
+            gate = _Gate(
+                run, stage, batch, expected, data, source_dice, patch, metadata.get("resize", "linear")
+            )
             if options.int8:
                 _int8(run, stage, gate, data, patch)
             if options.fp16:
@@ -267,6 +275,7 @@ def _distill(run, state, source, out_dir, config, data, reference, spec, source_
         source_dice,
         options.progress,
         echo=run.echo,
+        resize=stored.evaluation.resize,
     )
     student_spec = {**spec, "channels": list(config.channels), "dropout": list(config.dropout)}
     sample = torch.from_numpy(batch[:8])
@@ -349,9 +358,9 @@ def _check_dynamic_shapes(backend, in_channels: int, patch: tuple[int, int], num
 class _Gate:
     """Step 3/4 check of a lossy artefact: parity with torch (reported, gated per precision) and Dice."""
 
-    def __init__(self, run, stage, batch, expected, data, source_dice, patch) -> None:
+    def __init__(self, run, stage, batch, expected, data, source_dice, patch, resize) -> None:
         self.run, self.stage, self.batch, self.expected = run, stage, batch, expected
-        self.data, self.source_dice, self.patch = data, source_dice, patch
+        self.data, self.source_dice, self.patch, self.resize = data, source_dice, patch, resize
 
     def check(self, role: str | None, label: str, thresholds_key: str, make_backend, verdict_in=None) -> bool:
         """Keep the staged file of ``role`` if it passes; otherwise drop it and record why.
@@ -367,7 +376,9 @@ class _Gate:
             )
             self.run.echo(f"{label}: {parity.describe()}")
             volumes = self.data.val_volumes
-            dice_value = mean_dice(BackendModule(backend), volumes, self.data.class_names, self.patch)
+            dice_value = mean_dice(
+                BackendModule(backend), volumes, self.data.class_names, self.patch, self.resize
+            )
         except Exception as error:  # onnxruntime and TensorRT raise plain Exceptions
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             return self.refuse(role, label, f"it cannot be run ({type(error).__name__}: {first[:200]})")

@@ -5,10 +5,10 @@ CPU kernels run fastest), with activation ranges calibrated on training slices: 
 network sees in deployment, and never the validation volumes that then judge the result.
 
 fp16: a small graph pass rather than a converter dependency. Every float initializer and intermediate
-becomes float16 and two Casts keep the interface float32, so callers (and TensorRT 11's strongly typed
-networks, which take their precision from the graph) need no change. Written in topological order,
-which ``onnx.checker`` requires and ``onnxruntime.transformers.float16`` does not produce with
-``keep_io_types``.
+becomes float16 (except Resize's roi and scales, which its schema keeps float32: the bilinear decoder) and
+two Casts keep the interface float32, so callers (and TensorRT 11's strongly typed networks, which take
+their precision from the graph) need no change. Written in topological order, which ``onnx.checker``
+requires and ``onnxruntime.transformers.float16`` does not produce with ``keep_io_types``.
 """
 
 from __future__ import annotations
@@ -109,12 +109,16 @@ def convert_fp16(fp32_path: Path, fp16_path: Path) -> None:
 
     model = onnx.load(str(fp32_path))
     graph = model.graph
+    # Resize's roi and scales inputs must stay float32 (the operator's schema; the bilinear decoder)
+    keep_float = {
+        name for node in graph.node if node.op_type == "Resize" for name in node.input[1:3] if name
+    }
     for initializer in graph.initializer:
-        if initializer.data_type == TensorProto.FLOAT:
+        if initializer.data_type == TensorProto.FLOAT and initializer.name not in keep_float:
             array = numpy_helper.to_array(initializer).astype(np.float16)
             initializer.CopyFrom(numpy_helper.from_array(array, initializer.name))
     for node in graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" and not keep_float & set(node.output):
             for attribute in node.attribute:
                 if attribute.name == "value" and attribute.t.data_type == TensorProto.FLOAT:
                     half = numpy_helper.to_array(attribute.t).astype(np.float16)
@@ -126,7 +130,7 @@ def convert_fp16(fp32_path: Path, fp16_path: Path) -> None:
                 if attribute.name == "to":
                     attribute.i = TensorProto.FLOAT16
     for value in graph.value_info:
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT and value.name not in keep_float:
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
     half_in, half_out = f"{INPUT_NAME}_fp16", f"{OUTPUT_NAME}_fp16"
     for node in graph.node:

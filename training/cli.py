@@ -205,6 +205,8 @@ def eval_main(
         scored.device,
         prediction_dir=save_predictions,
         progress=True,
+        resize=scored.resize,
+        empty_prediction=config.evaluation.empty_prediction,
     )
     result.update({**scored.record, "split": split, "torch": torch.__version__})
     click.echo(f"{config.experiment} — {split} ({len(volumes)} volumes), {scored.described}")
@@ -230,6 +232,7 @@ class _Scored:
     device: object
     record: dict  # facts about the source, stored with the metrics
     described: str  # the source, for the printed header
+    resize: str  # how slices go to the patch and back: the config's, or the package's (as it deploys)
 
 
 def _checkpoint_network(checkpoint: Path, state: dict, config, num_classes: int, device: str) -> _Scored:
@@ -239,7 +242,8 @@ def _checkpoint_network(checkpoint: Path, state: dict, config, num_classes: int,
     target = select_device(device)
     model = inference_model_from_checkpoint(state, config, num_classes).to(target)
     record = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "method": config.method.name}
-    return _Scored(model, tuple(config.data.patch_size), target, record, f"checkpoint {checkpoint}")
+    patch = tuple(config.data.patch_size)
+    return _Scored(model, patch, target, record, f"checkpoint {checkpoint}", config.evaluation.resize)
 
 
 def _package_network(path: Path, data, device: str, backend: str, precision: str) -> _Scored:
@@ -265,4 +269,5 @@ def _package_network(path: Path, data, device: str, backend: str, precision: str
     runtime = select_backend(package, backend, device, precision=precision)
     record = {"model": str(path), "backend": f"{runtime.name} on {runtime.device}: {runtime.describe()}"}
     described = f"model package {path} ({record['backend']})"
-    return _Scored(BackendModule(runtime), tuple(package.patch_size), torch.device("cpu"), record, described)
+    patch, cpu = tuple(package.patch_size), torch.device("cpu")
+    return _Scored(BackendModule(runtime), patch, cpu, record, described, package.resize)
