@@ -23,8 +23,10 @@ from mpcl.training.losses.barl_label import (
     pcbc_stage_weights,
 )
 from mpcl.training.losses.prototypes import IGNORE
-from mpcl.training.methods import StepInfo
-from mpcl.training.methods.barl import BranchAverage, cutmix, cutmix_boxes
+from mpcl.training.methods import StepInfo, build_method
+from mpcl.training.methods.barl import BranchAverage, cutmix, cutmix_boxes, mixed_views
+from mpcl.training.methods.base import StageSwitch
+from mpcl.training.methods.bcp import copy_paste_step
 from mpcl.training.networks import UNet
 from mpcl.training.trainer import Trainer, inference_model_from_checkpoint
 from tests.conftest import tiny_config_dict
@@ -339,3 +341,108 @@ def test_config_errors_name_the_key(tmp_path):
     config = config_from_dict(tiny_config_dict(tmp_path, "barl"))  # model.deep_supervision left false
     with pytest.raises(ConfigError, match="model.deep_supervision: true"):
         Trainer(config, load_data(config.data))
+
+
+# -- on the copy-paste base -------------------------------------------------------------------------
+ALL_OFF = {"dpr": False, "pcbc": False, "ra": False, "ia": False}
+
+
+def _same_state(first: torch.nn.Module, second: torch.nn.Module) -> None:
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_all_switches_off_on_bcp_branch_a_is_bcp_bit_for_bit(tmp_path):
+    """BARL's own copy-paste step (not a hand-over to BCP) with every component off and one scale (the
+    BCP network: ``scales: 1``, ``beta: [1.0]``): branch A and its EMA teacher end with BCP's weights
+    across the stage switch, although branch B is built and trained beside it. That holds because branch
+    B draws its random numbers (initial weights, dropout) from a stream of its own, a function of the
+    run's seed and the iteration, with torch's global stream forked around it: branch A sees exactly the
+    draws (box, teacher and student dropout) BCP's run makes."""
+    base = {"mix": "bcp", "pretrain_iterations": 2}
+    config = config_from_dict(tiny_config_dict(tmp_path / "bcp", "bcp", 4, pretrain_iterations=2))
+    reference = Trainer(config, load_data(config.data))
+    reference.fit(stop_at=4, progress=False)
+    params = {**ALL_OFF, "scales": 1, "beta": [1.0], "infer": "A", "base": base}
+    config = config_from_dict(tiny_config_dict(tmp_path / "barl", "barl", 4, **params))  # BCP's network
+    barl = Trainer(config, load_data(config.data))
+    calls = []
+    step = barl.method._copy_paste_step
+    barl.method._copy_paste_step = lambda *args: calls.append(1) or step(*args)
+    before = {name: value.clone() for name, value in barl.models.extra["branch_b"].state_dict().items()}
+    barl.fit(stop_at=4, progress=False)
+    assert len(calls) == 4 and set(barl.models.extra) == {"branch_b"}
+    assert (tmp_path / "barl" / "best_stage_end_2.pt").is_file()
+    _same_state(reference.models.student, barl.models.student)
+    _same_state(reference.models.teacher, barl.models.teacher)
+    branch_b = barl.models.extra["branch_b"].state_dict()
+    assert any(not torch.equal(before[name], branch_b[name]) for name in before)  # B trained too
+
+
+@pytest.mark.parametrize("passes", ["separate", "joint"])
+def test_on_bcp_each_branch_learns_bcp_then_every_term_works_on_the_mixed_inputs(tmp_path, passes):
+    trainer = _trainer(
+        tmp_path, **LOOSE, base={"mix": "bcp", "pretrain_iterations": 1, "forward_passes": passes}
+    )
+    method, models = trainer.method, trainer.models
+    assert models.teacher is not None and method.stage_switches(4) == [StageSwitch(1, "best")]
+    terms = method.training_step(trainer.batches(0), models, StepInfo(0, 4))
+    assert set(terms) == {"copy_paste_labeled_a", "copy_paste_labeled_b"}  # pre-training: BCP's loss only
+    trainer.train_step(0, trainer.batches(0))
+    terms = method.training_step(trainer.batches(1), models, StepInfo(1, 4))
+    expected = ALL_TERMS - {"supervised_a", "supervised_b"}
+    assert set(terms) == expected | {"copy_paste_bidirectional_a", "copy_paste_bidirectional_b"}
+    assert all(torch.isfinite(value) for value in terms.values())
+    torch.stack(list(terms.values())).sum().backward()
+    for name in ("branch_b", "embed_a", "embed_b"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.extra[name].parameters())
+    assert all(p.grad is not None for p in models.student.deep_heads.parameters())
+
+
+def test_on_bcp_strong_views_are_mixed_like_the_weak_ones(tmp_path):
+    trainer = _trainer(tmp_path, base={"mix": "bcp", "pretrain_iterations": 1})
+    batch = trainer.batches(0)
+    assert batch.labeled_strong is not None and batch.unlabeled_strong is not None
+    for iteration in (0, 1):  # pre-training: one labelled mix; then both bidirectional mixes
+        mixed = copy_paste_step(trainer.method.params.base, 4, batch, trainer.models, StepInfo(iteration, 4))
+        views = mixed_views(mixed, batch.labeled_image, batch.unlabeled_image)
+        assert len(views) == len(mixed.inputs) == iteration + 1
+        assert all(torch.equal(view, item.images) for view, item in zip(views, mixed.inputs, strict=True))
+
+
+def test_on_bcp_both_branches_resume_exactly(tmp_path):
+    params = {**LOOSE, "base": {"mix": "bcp", "pretrain_iterations": 1}}
+    straight = _trainer(tmp_path, subdir="straight", **params)
+    straight.fit(progress=False)
+    interrupted = _trainer(tmp_path, subdir="interrupted", **params)
+    interrupted.fit(stop_at=2, progress=False)
+    resumed = _trainer(tmp_path, subdir="interrupted", **params)
+    resumed.resume_from(tmp_path / "interrupted" / "latest.pt")
+    resumed.fit(progress=False)
+    for name in ("student", "teacher", "extra"):
+        _same_state(getattr(straight.models, name), getattr(resumed.models, name))
+
+
+def test_shipped_config_is_barl_on_bcp_scored_on_branch_a_with_running_statistics():
+    from pathlib import Path
+
+    from mpcl.training.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "acdc_barl_3labeled.yaml")
+    method = build_method(config.method, 4)
+    assert method.params.base.mix == "bcp" and method.params.infer == "A" and method.ema_decay == 0.99
+    assert config.model.upsampling == "transposed" and method.params.branch_b_upsampling == "bilinear"
+    assert config.train.bn_recalibration_slices == 0 and config.train.poly_power == 0.0
+    assert (config.train.iterations, config.train.labeled_batch, config.train.unlabeled_batch) == (
+        40000,
+        12,
+        12,
+    )
+    assert method.stage_switches(config.train.iterations) == [StageSwitch(10000, "best")]
+
+
+def test_bcp_base_refuses_odd_batches(tmp_path):
+    data = tiny_config_dict(tmp_path, "barl", base={"mix": "bcp"})
+    data["train"]["labeled_batch"] = 3
+    with pytest.raises(ConfigError, match="labeled_batch even"):
+        config_from_dict(data)

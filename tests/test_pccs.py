@@ -22,8 +22,10 @@ from mpcl.training.losses.pccs import (
     uncertainty_weighted_contrast,
 )
 from mpcl.training.losses.sdm import class_layers, sdm_layers, signed_distance
-from mpcl.training.methods import StepInfo
-from mpcl.training.methods.pccs import PCCS, PCCSParams
+from mpcl.training.methods import StepInfo, build_method
+from mpcl.training.methods.base import StageSwitch
+from mpcl.training.methods.bcp import copy_paste_step
+from mpcl.training.methods.pccs import PCCS, PCCSBaseParams, PCCSParams
 from mpcl.training.trainer import Trainer
 from tests.conftest import tiny_config_dict
 
@@ -345,8 +347,12 @@ def test_shipped_config_is_valid_and_pccs_with_bands_in_the_benchmark():
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "configs" / "acdc_pccs_3labeled.yaml")
     assert config.method.name == "pccs" and config.method.params["sdm_levels"] == "rings"
+    method = build_method(config.method, 4)
+    assert method.params.base.mix == "bcp" and method.ema_decay == 0.99  # BCP's recipe, as its config
+    assert config.train.iterations == 40000 and config.train.poly_power == 0.0
+    assert method.stage_switches(config.train.iterations) == [StageSwitch(10000, "best")]
     benchmark = load_benchmark("ssl_acdc")
-    assert benchmark.VARIANTS["pccs"] == (
+    assert benchmark.VARIANTS["pccs_bcp"] == (
         "configs/acdc_pccs_3labeled.yaml",
         {"method.params.sdm_levels": "bands"},
     )
@@ -416,4 +422,81 @@ def test_config_errors_name_the_key(tmp_path):
     data = tiny_config_dict(tmp_path, "pccs")
     data["train"]["unlabeled_batch"] = 0
     with pytest.raises(ConfigError, match="unlabeled_batch >= 1"):
+        config_from_dict(data)
+
+
+# -- on either base --------------------------------------------------------------------------------
+ALL_OFF = {"sdm_protos": False, "unc_weight": False, "contrast": False, "proto_update": False,
+           "unc_consistency": False}  # fmt: skip
+
+
+def _same_state(first: torch.nn.Module, second: torch.nn.Module) -> None:
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(("base", "mix"), [("supervised", "none"), ("bcp", "bcp")])
+def test_all_switches_off_is_the_base_method_bit_for_bit_through_pccs_own_view(tmp_path, base, mix):
+    """PCCS's own view code (not a hand-over to the base) with every component off gives the base's
+    weights: ``mix: none`` is the supervised ½(CE + Dice) baseline PCCS builds on (the unlabelled slices
+    join the student's pass only when a component uses them); ``mix: bcp`` is BCP across its stage switch
+    (restored best stage-1 state, teacher copy, self-training)."""
+    params = {"pretrain_iterations": 2} if mix == "bcp" else {}
+    config = config_from_dict(tiny_config_dict(tmp_path / "base", base, 4, **params))
+    reference = Trainer(config, load_data(config.data))
+    reference.fit(stop_at=4, progress=False)
+    pccs = _trainer(tmp_path, subdir="pccs", **ALL_OFF, base={"mix": mix, **params})
+    calls = []
+    view = pccs.method._copy_paste_view if mix == "bcp" else pccs.method._supervised_view
+    setattr(pccs.method, view.__name__, lambda *args: calls.append(1) or view(*args))
+    pccs.fit(stop_at=4, progress=False)
+    assert len(calls) == 4 and pccs.models.extra is None
+    _same_state(reference.models.student, pccs.models.student)
+    if mix == "bcp":
+        _same_state(reference.models.teacher, pccs.models.teacher)
+        assert (tmp_path / "pccs" / "best_stage_end_2.pt").is_file()
+
+
+@pytest.mark.parametrize("passes", ["separate", "joint"])
+def test_on_bcp_pretraining_is_bcp_alone_then_every_term_works_on_the_mixed_inputs(tmp_path, passes):
+    trainer = _trainer(
+        tmp_path, **FAST, base={"mix": "bcp", "pretrain_iterations": 1, "forward_passes": passes}
+    )
+    method, models = trainer.method, trainer.models
+    assert method.stage_switches(4) == [StageSwitch(1, "best")]
+    terms = method.training_step(trainer.batches(0), models, StepInfo(0, 4))
+    assert set(terms) == {"copy_paste_labeled"}  # pre-training: BCP's loss alone, whatever the phases
+    trainer.train_step(0, trainer.batches(0))
+    terms = method.training_step(trainer.batches(1), models, StepInfo(1, 4))
+    assert set(terms) == ALL_TERMS - {"supervised"} | {"copy_paste_bidirectional"}
+    assert all(torch.isfinite(value) for value in terms.values())
+    torch.stack(list(terms.values())).sum().backward()
+    for name in ("projection", "prototypes"):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in models.extra[name].parameters())
+
+
+def test_on_bcp_labels_are_the_mixed_label_map_and_the_prototypes_move_with_pseudo_labelled_pixels(tmp_path):
+    trainer = _trainer(tmp_path, **FAST, base={"mix": "bcp", "pretrain_iterations": 0})
+    method, models, batch, step = trainer.method, trainer.models, trainer.batches(0), StepInfo(0, 4)
+    torch.manual_seed(5)
+    _, view = method._copy_paste_view(batch, models, step, models.teacher)
+    torch.manual_seed(5)  # the same box and teacher dropout
+    mixed = copy_paste_step(method.params.base, method.num_classes, batch, models, step)
+    assert torch.equal(view.labels, mixed.target)  # ground truth from labelled slices, pseudo-label elsewhere
+    assert torch.equal(view.update_pixels, ~mixed.from_labeled)
+    assert view.split == batch.labeled_image.shape[0] // 2 and view.layer_first == 0  # l_c per mixed input
+    assert view.student.logits.shape[0] == batch.labeled_image.shape[0]
+
+
+def test_ema_decay_lives_in_the_base_and_the_old_key_still_loads(tmp_path):
+    assert PCCSParams().base.ema_decay == 0.99
+    assert PCCSParams(ema_decay=0.95).base.ema_decay == 0.95  # configs written before the base
+    assert PCCSParams(base=PCCSBaseParams(ema_decay=0.9)).base.ema_decay == 0.9
+    old = config_from_dict(tiny_config_dict(tmp_path, "pccs", ema_decay=0.95))
+    assert Trainer(old, load_data(old.data)).method.ema_decay == 0.95
+    with pytest.raises(ConfigError, match="ema_decay and method.params.base.ema_decay differ"):
+        config_from_dict(tiny_config_dict(tmp_path, "pccs", ema_decay=0.95, base={"ema_decay": 0.9}))
+    data = tiny_config_dict(tmp_path, "pccs", base={"mix": "bcp"})
+    data["train"]["labeled_batch"] = 3
+    with pytest.raises(ConfigError, match="labeled_batch even"):
         config_from_dict(data)

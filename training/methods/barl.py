@@ -20,13 +20,29 @@ unlabelled slices and, for DPR, their strong view. Four switchable components:
 All four off: two independently trained supervised networks (the sanity row); only ``dpr``: a CPS-like
 baseline. Each term is ramped by w(t) (the Mean Teacher sigmoid normalised to 1) times its λ.
 
+Bases. ``base.mix: none`` is the above: each branch learns the labelled slices with multi-scale supervision.
+``base.mix: bcp`` gives each branch BCP's step instead, on the same mixed inputs (BCP's loss at every scale,
+weighted by ``beta``), so BARL can be compared with, and added to, the copy-paste base the other methods use
+(spec a.4): pseudo-labels come from an EMA teacher of branch A (BARL has a teacher only on this base) and
+BCP's stage switch applies (the trainer restores branch B with the student). BARL's terms then compare the
+branches on the mixed inputs after pre-training (they are made for unlabelled pixels): the weak view is
+the mixed inputs; DPR's strong view is the strong views mixed with the same box, and its hard pseudo-labels
+supervise only pixels that are not ground truth (those are the base's); RA takes ground truth where the
+pixel came from a labelled slice, the confident consensus elsewhere; PCBC, IA and DPR's soft path use whole
+mixed slices. On this base branch B's initial weights and dropout come from a random stream of its own (a
+function of the run's seed and the iteration; torch's global stream is forked around it), so branch A
+makes exactly BCP's random draws: with the four components off and one scale, branch A is BCP bit for bit
+(tested), and a resumed run repeats branch B's draws. On ``mix: none`` branch B still draws from the
+global stream, so runs of that base are unchanged.
+
 Choices the spec leaves open, and why:
 
 * One SGD optimiser (the trainer's) holds both branches and heads. SGD's update, momentum and weight
   decay are per parameter, so this is exactly the spec's "one optimiser per branch" with equal settings,
   and the trainer checkpoints and resumes branch B (an extra module) with no special case.
-* Branch B is initialised from the torch RNG right after the student (same seed, different draws):
-  independent weights, yet a run is reproducible from its seed.
+* Branch B is initialised from the torch RNG right after the student (same seed, different draws; on
+  ``mix: bcp`` from its own stream, see above): independent weights, yet a run is reproducible from its
+  seed.
 * Multi-scale logits are upsampled bilinearly to the patch (URPC style) before every loss, so all scales
   are compared with full-resolution labels and with each other pixel for pixel.
 * The strong view is the trainer's intensity-only strong augmentation (``augment.strong_*``: set
@@ -38,15 +54,11 @@ Choices the spec leaves open, and why:
   rather than a single 1x1 conv on the 1/2 map: one head design in the code base, and a nonlinear
   head keeps the alignment losses from constraining the segmentation features directly.
   ``ra_min_pixels`` counts pixels on that (stride-2) embedding grid; ``ia_min_size`` counts full-res pixels.
-* Batch-norm statistics: at 600 iterations both branches validated at 0.07 mean Dice in eval mode while
-  their weights were fine (0.57 with each volume's own batch statistics, 0.58 with running statistics
-  recomputed from clean training slices; ``benchmarks/bn_gap.py``). The running statistics match the
-  training batches, but not single clean images. The shipped config therefore sets
-  ``train.bn_recalibration_slices`` (``mpcl.training.batchnorm``). The cause is dropout, not the
-  augmented views: recalibrating on the same clean slices with dropout active gives 0.17, on weak views
-  with dropout off 0.58 (``bn_gap.py``'s probes). Batch norm after the encoder's dropout learns the
-  variance of dropped-out activations, which eval mode never produces (variance shift). Why it hurts the
-  co-trained branches more than other methods (0.07 vs 0.35-0.53 without recalibration) is still open.
+* Batch-norm statistics: in eval mode the co-trained branches' running statistics can miss the clean
+  images (dropout before batch norm: a variance shift; ``benchmarks/bn_gap.py``).
+  ``train.bn_recalibration_slices`` recomputes them from clean slices before validation; the shipped
+  config leaves it off, so its row is scored with running statistics like every other row and the
+  published code.
 * Inference (``infer``): ``avg`` — validation and best-checkpoint choice use the mean of both branches'
   finest softmax; ``A`` — branch A alone. The model package always holds branch A (the runtime knows one
   U-Net); ``mpcl.training.trainer.inference_model_from_checkpoint`` rebuilds the average for evaluation.
@@ -54,9 +66,12 @@ Choices the spec leaves open, and why:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,13 +89,32 @@ from mpcl.training.losses.consistency import sigmoid_rampup
 from mpcl.training.losses.dice import ce_dice_loss
 from mpcl.training.losses.mixing import random_box_mask
 from mpcl.training.losses.prototypes import IGNORE
-from mpcl.training.methods.base import Method, Models, StepInfo
+from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
+from mpcl.training.methods.bcp import (
+    BCPParams,
+    CopyPasteStep,
+    check_copy_paste_batches,
+    copy_paste_loss,
+    copy_paste_stage_switches,
+    copy_paste_step,
+    mix_images,
+)
 from mpcl.training.networks.projection import ProjectionHead
-from mpcl.training.networks.unet import UNet, UNetOutput
+from mpcl.training.networks.unet import UNet, UNetOutput, join_outputs
+
+
+@dataclass
+class BARLBaseParams(BCPParams):
+    """What each branch learns from labels: ``none``, BARL's multi-scale ½(CE + Dice) on the labelled
+    slices; ``bcp``, BCP's step (the inherited keys are BCP's own and apply to ``bcp`` only, ``ema_decay``
+    included: only then does BARL have a teacher, the EMA of branch A that pseudo-labels for both)."""
+
+    mix: Literal["none", "bcp"] = "none"
 
 
 @dataclass
 class BARLParams:
+    base: BARLBaseParams = field(default_factory=BARLBaseParams)
     dpr: bool = True
     pcbc: bool = True
     ra: bool = True
@@ -169,6 +203,22 @@ def scale_logits(output: UNetOutput, rows: slice, scales: int, size: tuple[int, 
     ]
 
 
+def mixed_views(step: CopyPasteStep, labeled: torch.Tensor, unlabeled: torch.Tensor) -> list[torch.Tensor]:
+    """Another view of a copy-paste step's slices (e.g. the strong one) mixed as ``copy_paste_step`` mixed
+    the weak view: the same box, the same pairs, so pixels correspond one to one."""
+    half, outer = labeled.shape[0] // 2, step.outer_mask
+    if step.stage == "copy_paste_labeled":
+        return [mix_images(labeled[:half], labeled[half:], outer)]
+    return [
+        mix_images(unlabeled[:half], labeled[:half], outer),
+        mix_images(labeled[half:], unlabeled[half:], outer),
+    ]
+
+
+def _stream_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([*key]).generate_state(1, np.uint64)[0])
+
+
 @dataclass(frozen=True)
 class WeakView:
     """The two branches' finest predictions on the weak view of the unlabelled slices."""
@@ -202,13 +252,29 @@ class BARL(Method):
         super().__init__(params, num_classes)
         self.semi_supervised = params.dpr or params.pcbc or params.ra or params.ia
         self.representation = params.ra or params.ia
+        self.copy_paste = params.base.mix == "bcp"
+        if self.copy_paste:
+            self.uses_teacher = True  # BCP's pseudo-labeller: the EMA of branch A
+            self.uses_strong_views = params.dpr  # only DPR's path 1 looks at a strong view
+        self._run_seed = torch.initial_seed()  # the trainer seeds torch before it builds the method
         self._diagnostics: dict[str, float] = {}
+
+    @property
+    def ema_decay(self) -> float:
+        return self.params.base.ema_decay
 
     @classmethod
     def check_batches(cls, params: BARLParams, labeled_batch: int, unlabeled_batch: int) -> str | None:
+        if params.base.mix == "bcp":
+            return check_copy_paste_batches(labeled_batch, unlabeled_batch)
         if (params.dpr or params.pcbc or params.ra or params.ia) and unlabeled_batch < 1:
             return "barl needs train.unlabeled_batch >= 1 unless dpr, pcbc, ra and ia are all off"
         return None
+
+    def stage_switches(self, total_iterations: int) -> list[StageSwitch]:
+        if self.copy_paste:
+            return copy_paste_stage_switches(self.params.base, total_iterations)
+        return []
 
     def build_extra_modules(self, student: nn.Module) -> dict[str, nn.Module]:
         p = self.params
@@ -219,6 +285,14 @@ class BARL(Method):
                 f"method barl with method.params.scales: {p.scales} needs model.deep_supervision: true "
                 "(its multi-scale heads are the U-Net's deep-supervision heads)"
             )
+        if not self.copy_paste:
+            return self._build_extra_modules(student)
+        with torch.random.fork_rng(devices=[]):  # on the BCP base, branch A's draws stay BCP's
+            torch.random.default_generator.manual_seed(_stream_seed(self._run_seed, 0xBA, 0))
+            return self._build_extra_modules(student)
+
+    def _build_extra_modules(self, student: UNet) -> dict[str, nn.Module]:
+        p = self.params
         modules: dict[str, nn.Module] = {
             "branch_b": UNet(**{**student.hyperparameters(), "upsampling": p.branch_b_upsampling})
         }
@@ -242,6 +316,12 @@ class BARL(Method):
 
     # -- the step --------------------------------------------------------------------------------
     def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
+        if self.copy_paste:
+            return self._copy_paste_step(batch, models, step)
+        return self._own_step(batch, models, step)
+
+    def _own_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
+        """``base.mix: none``: labelled slices, weak and (DPR) strong unlabelled views in one pass each."""
         p = self.params
         n_labeled = batch.labeled_image.shape[0]
         n_unlabeled = batch.unlabeled_image.shape[0] if self.semi_supervised else 0
@@ -269,14 +349,118 @@ class BARL(Method):
         if not self.semi_supervised:
             return terms
         weak = WeakView.of(out_a, out_b, slice(n_labeled, n_labeled + n_unlabeled))
+        strong = slice(n_labeled + n_unlabeled, n_labeled + 2 * n_unlabeled)
+        strong_logits = (out_a.logits[strong], out_b.logits[strong]) if p.dpr else None
+        unknown = torch.full_like(batch.labeled_label[:1], IGNORE).expand(n_unlabeled, -1, -1)
+        known = torch.cat([batch.labeled_label, unknown])
+        terms.update(
+            self._alignment_terms(models, out_a, out_b, weak, strong_logits, boxes, known, None, step)
+        )
+        return terms
+
+    def _copy_paste_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
+        """``base.mix: bcp``: both branches learn BCP's step on the same mixed inputs (pseudo-labels from
+        the EMA of branch A), each scale weighted by ``beta``; BARL's terms compare the branches on the
+        mixed inputs (weak) and on the same mixing of the strong views (DPR path 1), after pre-training.
+        Branch B draws its random numbers from a stream of its own (``_branch_b_rng``)."""
+        p, base = self.params, self.params.base
+        mixed = copy_paste_step(base, self.num_classes, batch, models, step)
+        inputs = [item.images for item in mixed.inputs]
+        semi_supervised = self.semi_supervised and mixed.stage != "copy_paste_labeled"
+        boxes, strong = None, None
+        if semi_supervised and p.dpr:
+            if batch.labeled_strong is None or batch.unlabeled_strong is None:
+                raise ValueError("barl's dpr needs the strong views of the labelled and unlabelled batch")
+            strong = torch.cat(mixed_views(mixed, batch.labeled_strong, batch.unlabeled_strong))
+            boxes = cutmix_boxes(strong.shape[0], tuple(strong.shape[-2:]), p.cutmix_prob, p.cutmix_ratio)
+            strong = cutmix(strong, boxes)
+        passes_a, strong_a = self._copy_paste_passes(models.student, inputs, strong)
+        with self._branch_b_rng(step, batch.labeled_image.device):
+            passes_b, strong_b = self._copy_paste_passes(models.extra["branch_b"], inputs, strong)
+        terms = {
+            f"{mixed.stage}_{name}": self._copy_paste_loss(mixed, passes)
+            for name, passes in (("a", passes_a), ("b", passes_b))
+        }
+        if not semi_supervised:
+            return terms
+        out_a, out_b = join_outputs(passes_a), join_outputs(passes_b)
+        weak = WeakView.of(out_a, out_b, slice(0, out_a.logits.shape[0]))
+        known = torch.where(mixed.from_labeled, mixed.target, torch.full_like(mixed.target, IGNORE))
+        strong_logits = (strong_a, strong_b) if p.dpr else None
+        terms.update(
+            self._alignment_terms(
+                models, out_a, out_b, weak, strong_logits, boxes, known, ~mixed.from_labeled, step
+            )
+        )
+        return terms
+
+    def _copy_paste_passes(
+        self, network: nn.Module, inputs: list[torch.Tensor], strong: torch.Tensor | None
+    ) -> tuple[list[UNetOutput], torch.Tensor | None]:
+        """One branch on the mixed inputs with the base's passes (one per input, or one for all) and, if
+        given, on the strong mixed batch (split the same way): its outputs and the strong finest logits."""
+        separate = self.params.base.forward_passes == "separate" or len(inputs) == 1
+        if separate:
+            passes = [network.forward_features(images) for images in inputs]
+        else:
+            passes = [network.forward_features(torch.cat(inputs))]
+        if strong is None:
+            return passes, None
+        chunks = torch.split(strong, [images.shape[0] for images in inputs]) if separate else [strong]
+        return passes, torch.cat([network(chunk) for chunk in chunks])
+
+    def _copy_paste_loss(self, mixed: CopyPasteStep, passes: list[UNetOutput]) -> torch.Tensor:
+        """Σ_s β_s · BCP's loss of scale s (coarse to fine, upsampled to the patch)."""
+        p, size = self.params, tuple(mixed.outer_mask.shape)
+        levels = [scale_logits(output, slice(None), p.scales, size) for output in passes]
+        if len(passes) == len(mixed.inputs):  # one pass per mixed input
+            per_scale = [list(scale) for scale in zip(*levels, strict=True)]
+        else:
+            sizes = [item.images.shape[0] for item in mixed.inputs]
+            per_scale = [list(torch.split(scale, sizes)) for scale in levels[0]]
+        return sum(
+            beta * copy_paste_loss(p.base, mixed, logits)
+            for beta, logits in zip(p.beta, per_scale, strict=True)
+        )
+
+    @contextmanager
+    def _branch_b_rng(self, step: StepInfo, device: torch.device) -> Iterator[None]:
+        """Branch B's random draws (dropout) from a stream that is a function of (seed, iteration), so
+        branch A's draws are exactly those the base method would make, and a resumed run repeats them."""
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            seed = _stream_seed(self._run_seed, 0xBA, 1, step.iteration)
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            yield
+
+    def _alignment_terms(
+        self,
+        models: Models,
+        out_a: UNetOutput,
+        out_b: UNetOutput,
+        weak: WeakView,
+        strong_logits: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        known: torch.Tensor,
+        pseudo_pixels: torch.Tensor | None,
+        step: StepInfo,
+    ) -> dict[str, torch.Tensor]:
+        """DPR, PCBC, RA and IA between the branches. ``known``: (rows up to the weak view's end) ground
+        truth, IGNORE elsewhere; ``pseudo_pixels``: where DPR's hard pseudo-labels may supervise (None:
+        the whole weak view)."""
+        p = self.params
+        size = tuple(weak.logits_a.shape[-2:])
         self._diagnostics = {
             "branch_agreement": float((weak.pseudo_a == weak.pseudo_b).float().mean()),
             "consensus_confident": float((weak.consensus_confidence >= p.tau).float().mean()),
         }
         weight = self.ramp(step)
+        terms: dict[str, torch.Tensor] = {}
         if p.dpr:
-            strong = slice(n_labeled + n_unlabeled, n_labeled + 2 * n_unlabeled)
-            terms.update(self._dpr_terms(out_a.logits[strong], out_b.logits[strong], weak, boxes, weight))
+            terms.update(self._dpr_terms(*strong_logits, weak, boxes, weight, pseudo_pixels))
         if p.pcbc:
             stage_weights = pcbc_stage_weights(
                 step.iteration, step.total_iterations, p.scales - 1, p.pcbc_stage_fraction, p.pcbc_schedule
@@ -288,7 +472,7 @@ class BARL(Method):
                 p.tau_s,
             )
         if self.representation:
-            terms.update(self._representation_terms(batch, models, out_a, out_b, weak, weight))
+            terms.update(self._representation_terms(models, out_a, out_b, weak, known, weight))
         return terms
 
     def _dpr_terms(
@@ -298,12 +482,17 @@ class BARL(Method):
         weak: WeakView,
         boxes: torch.Tensor,
         weight: float,
+        pseudo_pixels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Path 1: each branch's confident weak-view argmax (CutMixed like the image) supervises the other
-        branch's strong view. Path 2: agreement-weighted KL between the weak-view distributions."""
+        branch's strong view (only on ``pseudo_pixels`` if given). Path 2: agreement-weighted KL between
+        the weak-view distributions."""
         p = self.params
-        target_a, mask_a = cutmix(weak.pseudo_a, boxes), cutmix(weak.confidence_a >= p.tau, boxes)
-        target_b, mask_b = cutmix(weak.pseudo_b, boxes), cutmix(weak.confidence_b >= p.tau, boxes)
+        confident_a, confident_b = weak.confidence_a >= p.tau, weak.confidence_b >= p.tau
+        if pseudo_pixels is not None:  # ground-truth pixels are supervised by the base already
+            confident_a, confident_b = confident_a & pseudo_pixels, confident_b & pseudo_pixels
+        target_a, mask_a = cutmix(weak.pseudo_a, boxes), cutmix(confident_a, boxes)
+        target_b, mask_b = cutmix(weak.pseudo_b, boxes), cutmix(confident_b, boxes)
         cps = masked_cross_entropy(strong_b, target_a, mask_a) + masked_cross_entropy(
             strong_a, target_b, mask_b
         )
@@ -315,17 +504,16 @@ class BARL(Method):
 
     def _representation_terms(
         self,
-        batch: Batch,
         models: Models,
         out_a: UNetOutput,
         out_b: UNetOutput,
         weak: WeakView,
+        known: torch.Tensor,
         weight: float,
     ) -> dict[str, torch.Tensor]:
-        """RA on labelled (ground truth) + weak unlabelled (confident consensus) slices; IA on the weak
-        unlabelled slices, from each branch's own prediction."""
+        """RA on the rows up to the weak view's end (ground truth where ``known``, the confident consensus
+        elsewhere); IA on the weak view, from each branch's own prediction."""
         p, stride = self.params, self.params.embed_stride
-        n_labeled = batch.labeled_image.shape[0]
         embed_a = models.extra["embed_a"]([f[: weak.rows.stop] for f in out_a.features])
         embed_b = models.extra["embed_b"]([f[: weak.rows.stop] for f in out_b.features])
         terms = {}
@@ -334,9 +522,10 @@ class BARL(Method):
             pseudo = torch.where(
                 weak.consensus_confidence >= p.tau, consensus, torch.full_like(consensus, IGNORE)
             )
-            labels = torch.cat([batch.labeled_label, pseudo])[:, ::stride, ::stride]
+            given = known[weak.rows]
+            labels = torch.cat([known[: weak.rows.start], torch.where(given >= 0, given, pseudo)])
             terms["ra"] = (weight * p.lambda_ra) * region_alignment(
-                embed_a, embed_b, labels, self.num_classes, p.ra_min_pixels
+                embed_a, embed_b, labels[:, ::stride, ::stride], self.num_classes, p.ra_min_pixels
             )
         if p.ia:
             regions = instance_regions(
@@ -344,7 +533,7 @@ class BARL(Method):
             )
             self._diagnostics["ia_pairs_per_image"] = regions.num_matched / max(weak.pseudo_a.shape[0], 1)
             terms["ia"] = (weight * p.lambda_ia) * instance_alignment(
-                embed_a[n_labeled:], embed_b[n_labeled:], regions.on_grid(stride), p.ia_unmatched_penalty
+                embed_a[weak.rows], embed_b[weak.rows], regions.on_grid(stride), p.ia_unmatched_penalty
             )
         return terms
 

@@ -113,7 +113,7 @@ class CopyPasteStep:
         )
 
 
-def _mix(outer: torch.Tensor, inner: torch.Tensor, outer_mask: torch.Tensor) -> torch.Tensor:
+def mix_images(outer: torch.Tensor, inner: torch.Tensor, outer_mask: torch.Tensor) -> torch.Tensor:
     """``outer`` outside the box, ``inner`` inside it (BCP's ``a * img_mask + b * (1 - img_mask)``)."""
     return outer * outer_mask + inner * (1 - outer_mask)
 
@@ -151,7 +151,7 @@ def copy_paste_step(
     image_a, image_b, label_a, label_b = images[:half], images[half:], labels[:half], labels[half:]
     ones = torch.ones_like(label_a, dtype=images.dtype)
     if step.iteration < params.pretrain_iterations:
-        mixed = MixedInput(_mix(image_a, image_b, outer_mask), label_a, label_b, 1.0, 1.0, ones, ones)
+        mixed = MixedInput(mix_images(image_a, image_b, outer_mask), label_a, label_b, 1.0, 1.0, ones, ones)
         is_gt = torch.ones_like(label_a, dtype=torch.bool)
         return CopyPasteStep([mixed], outer_mask, is_gt, "copy_paste_labeled")
     unlabeled_a, unlabeled_b = batch.unlabeled_image[:half], batch.unlabeled_image[half:]
@@ -160,8 +160,12 @@ def copy_paste_step(
     )
     u = params.unlabeled_weight
     inputs = [  # labelled box in an unlabelled slice; unlabelled box in a labelled slice
-        MixedInput(_mix(unlabeled_a, image_a, outer_mask), pseudo_a, label_a, u, 1.0, confidence_a, ones),
-        MixedInput(_mix(image_b, unlabeled_b, outer_mask), label_b, pseudo_b, 1.0, u, ones, confidence_b),
+        MixedInput(
+            mix_images(unlabeled_a, image_a, outer_mask), pseudo_a, label_a, u, 1.0, confidence_a, ones
+        ),
+        MixedInput(
+            mix_images(image_b, unlabeled_b, outer_mask), label_b, pseudo_b, 1.0, u, ones, confidence_b
+        ),
     ]
     inside = outer_mask == 0
     from_labeled = torch.cat(

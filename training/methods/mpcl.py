@@ -68,7 +68,7 @@ from mpcl.training.methods.mean_teacher import MeanTeacher, MeanTeacherParams, c
 from mpcl.training.methods.prototype_bank import PrototypeBank
 from mpcl.training.methods.supervised import supervised_terms
 from mpcl.training.networks.projection import ProjectionHead
-from mpcl.training.networks.unet import UNetOutput
+from mpcl.training.networks.unet import UNetOutput, join_outputs
 
 
 @dataclass
@@ -146,15 +146,6 @@ class PrototypeView:
     # demand: a base step never runs it, so switching every component off leaves the base unchanged
     labels: torch.Tensor  # (B, H, W) ground truth or confident pseudo-label, IGNORE elsewhere
     ground_truth: torch.Tensor  # (B, H, W) bool: pixel label is ground truth
-
-
-def join_outputs(outputs: list[UNetOutput]) -> UNetOutput:
-    """One UNetOutput for the concatenation of several passes' batches."""
-    return UNetOutput(
-        torch.cat([output.logits for output in outputs]),
-        [torch.cat(level) for level in zip(*(output.features for output in outputs), strict=True)],
-        [torch.cat(level) for level in zip(*(output.deep_logits for output in outputs), strict=True)],
-    )
 
 
 def _subset(cls: type, params: MPCLBaseParams):

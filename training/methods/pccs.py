@@ -2,7 +2,7 @@
 
 A student–teacher method with two prediction branches: the student's segmentation head and the
 teacher's prototype classifier (per class, the best cosine of a pixel's teacher embedding to the class's
-K prototypes Π, LayerNorm'd over classes). Four switchable components on a supervised ½(CE + Dice) loss:
+K prototypes Π, LayerNorm'd over classes). Four switchable components on a base step (``base.mix``):
 
 * **SDM prototypes** (``sdm_protos``): on the 1/4 grid, each class of each unlabelled image is cut by
   its signed distance map into layers (rings at one depth, or ``sdm_levels: bands``), ordered from the
@@ -24,10 +24,25 @@ K prototypes Π, LayerNorm'd over classes). Four switchable components on a supe
 * **Uncertainty consistency** (``unc_consistency``) l_c between the two branches: squared error between
   student logits and teacher prototype scores, plus entropy minimisation of both branches.
 
-Schedule (the PCCS code's phases): supervised only before ``consistency_start``; l_c from then on,
+Schedule (the PCCS code's phases): the base alone before ``consistency_start``; l_c from then on,
 ramped by ``lambda_c``·sigmoid ramp over ``rampup_iterations``; prototype terms from
 ``warmup_iterations`` on. The spec's ``phase_iters`` [200, 500] are these two keys, named as in the
 other methods so that benchmark budgets scale them alike.
+
+Bases. ``base.mix: none`` is the PCCS code's: supervised ½(CE + Dice) on the labelled slices, the student
+seeing labelled and unlabelled slices in one pass. ``base.mix: bcp`` is BCP's step (mixed inputs, passes,
+loss, stage switch), so PCCS can be compared with, and added to, the copy-paste base the other methods use
+(spec a.4). PCCS's terms then work on the mixed inputs, each piece where PCCS had its counterpart: labels
+are the mixed label map (ground truth where the pixel came from a labelled slice, BCP's pseudo-label
+elsewhere: what the student learns from) instead of the student's argmax; the teacher runs on the mixed
+inputs with the base's passes; l_c averages its squared error per mixed input instead of per
+labelled/unlabelled half; Π moves with the pseudo-labelled pixels, which stand for the unlabelled half;
+every mixed slice gives SDM layers (each holds unlabelled pixels). Nothing of PCCS runs during BCP's
+labelled-only pre-training, since its terms are made for unlabelled pixels. PCCS always runs its own view
+of the base step; the unlabelled slices in the student's pass, the extra heads and the teacher's passes
+exist only when a term (``contrast``, ``proto_update``, ``unc_consistency``) is on, so with every switch off
+a run is its base's (supervised, or BCP), bit for bit (tested). ``ema_decay`` lives in ``base`` (the
+teacher is the base's); ``method.params.ema_decay``, where it used to be, is still accepted.
 
 Choices the spec leaves open, and why:
 
@@ -39,7 +54,7 @@ Choices the spec leaves open, and why:
   Dropout2d) is never trained there; an EMA needs a trained student counterpart, so the student's own
   head plays that role. ``teacher_update: frozen`` reproduces the code's untrained teacher: a copy of
   the initial teacher that never moves (its batch-norm statistics do, as in the code), saved with the
-  method state.
+  method state (on ``base.mix: bcp`` BCP's pseudo-labels still come from the EMA teacher).
 * Sandwiched classes: the rings measured from each side are restricted to the class's own pixels, so
   every prototype labelled c is made of class-c pixels (the code also averages neighbouring classes).
 * Layers are grouped into K slots sorted by depth over the whole batch (the code concatenates images
@@ -56,7 +71,8 @@ Choices the spec leaves open, and why:
 * ``consistency_weighting`` (default ``none``, as coded) optionally weights the l_c squared error per
   pixel by the teacher branch's certainty (``hard``: entropy ≤ θ(t), ``soft``: 1 − entropy/ln C).
 * ``pseudo_source: teacher`` takes pseudo-labels, uncertain pixels and prototype uncertainties from the
-  teacher's segmentation instead of the student's (the code: student). ``sdm_images: all`` also builds
+  teacher's segmentation instead of the student's (the code: student); on ``base.mix: bcp`` the labels
+  are BCP's and this only picks the uncertainties. ``sdm_images: all`` also builds
   SDM prototypes on labelled images from their ground truth (the code: unlabelled images only).
 * Π starts as normalised Gaussian vectors from a fixed generator (the code's truncated normal, σ 0.02
   cut at ±2, never truncates, and its scale vanishes in the normalisation), so the student's
@@ -68,7 +84,8 @@ Choices the spec leaves open, and why:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -93,18 +110,35 @@ from mpcl.training.losses.pccs import (
 )
 from mpcl.training.losses.prototypes import IGNORE, group_prototypes
 from mpcl.training.losses.sdm import Layer, class_layers, sdm_layers
-from mpcl.training.methods.base import Method, Models, StepInfo
+from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
+from mpcl.training.methods.bcp import (
+    BCPParams,
+    check_copy_paste_batches,
+    copy_paste_loss,
+    copy_paste_stage_switches,
+    copy_paste_step,
+)
 from mpcl.training.methods.prototype_bank import PrototypeBank
 from mpcl.training.methods.supervised import supervised_terms
 from mpcl.training.networks.multiscale_projection import MultiScaleProjection
-from mpcl.training.networks.unet import UNetOutput
+from mpcl.training.networks.unet import UNetOutput, join_outputs
 
 PROTOTYPE_SEED = 0  # Π's initial values come from their own generator (see the module docstring)
 
 
 @dataclass
+class PCCSBaseParams(BCPParams):
+    """The base PCCS's terms ride on: ``none``, a supervised ½(CE + Dice) step; ``bcp``, BCP's step (the
+    inherited keys are BCP's own and apply to ``bcp`` only). ``ema_decay`` is the teacher's either way."""
+
+    mix: Literal["none", "bcp"] = "none"
+    ema_decay: float | None = None  # None: ``method.params.ema_decay`` (where it used to live), else 0.99
+
+
+@dataclass
 class PCCSParams:
-    ema_decay: float = 0.99
+    base: PCCSBaseParams = field(default_factory=PCCSBaseParams)
+    ema_decay: float | None = None  # accepted for old configs; the key is ``base.ema_decay``
     teacher_update: Literal["ema", "frozen"] = "ema"
     sdm_protos: bool = True
     unc_weight: bool = True
@@ -135,6 +169,11 @@ class PCCSParams:
     pseudo_source: Literal["student", "teacher"] = "student"
 
     def __post_init__(self) -> None:
+        base = self.base
+        if base.ema_decay is None:
+            base.ema_decay = 0.99 if self.ema_decay is None else self.ema_decay
+        elif self.ema_decay is not None and self.ema_decay != base.ema_decay:
+            raise ConfigError("method.params.ema_decay and method.params.base.ema_decay differ; keep one")
         checks = [
             (self.K >= 1, "K must be >= 1"),
             (self.embed_dim >= 2, "embed_dim must be >= 2"),
@@ -148,7 +187,7 @@ class PCCSParams:
             (self.consistency_start >= 0 and self.warmup_iterations >= 0,
              "consistency_start and warmup_iterations must be >= 0"),
             (self.sdm_bands >= 1, "sdm_bands must be >= 1"),
-            (0.0 <= self.ema_decay <= 1.0, "ema_decay must be in [0, 1]"),
+            (0.0 <= base.ema_decay <= 1.0, "base.ema_decay must be in [0, 1]"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -182,6 +221,19 @@ def _flatten_layers(per_image: list[list[Layer]], first_image: int, grid_pixels:
     )
 
 
+@dataclass
+class _StepView:
+    """What PCCS's terms need from one base step, whatever the base."""
+
+    student: UNetOutput  # the student's pass(es) over the step's images, joined
+    teacher: Callable[[], UNetOutput]  # PCCS's teacher on the same images (no gradient), on demand
+    labels: torch.Tensor  # (B, H, W) the given label (ground truth, or BCP's pseudo-label), IGNORE elsewhere
+    split: int  # l_c averages the squared error over rows [:split] and [split:] separately
+    layer_first: int  # SDM layers come from rows [layer_first:]
+    update_rows: slice  # rows whose teacher features move Π (and feed l_aux)
+    update_pixels: torch.Tensor | None  # (B, H, W): within those rows, the pixels that do; None: all
+
+
 class PCCS(Method):
     name = "pccs"
     Params = PCCSParams
@@ -190,6 +242,8 @@ class PCCS(Method):
 
     def __init__(self, params: PCCSParams, num_classes: int) -> None:
         super().__init__(params, num_classes)
+        # a component that gives a loss term; sdm_protos and unc_weight only shape l_pc and l_aux
+        self.active = params.contrast or params.proto_update or params.unc_consistency
         self.bank = PrototypeBank([params.K] * num_classes, params.embed_dim, params.gamma)
         generator = torch.Generator().manual_seed(PROTOTYPE_SEED)
         initial = torch.randn(num_classes, params.K, params.embed_dim, generator=generator)
@@ -201,15 +255,24 @@ class PCCS(Method):
 
     @property
     def ema_decay(self) -> float:
-        return self.params.ema_decay
+        return self.params.base.ema_decay
 
     @classmethod
     def check_batches(cls, params: PCCSParams, labeled_batch: int, unlabeled_batch: int) -> str | None:
+        if params.base.mix == "bcp":
+            return check_copy_paste_batches(labeled_batch, unlabeled_batch)
         if unlabeled_batch < 1:
             return "pccs needs train.unlabeled_batch >= 1 (its prototypes come from unlabelled images)"
         return None
 
+    def stage_switches(self, total_iterations: int) -> list[StageSwitch]:
+        if self.params.base.mix == "bcp":
+            return copy_paste_stage_switches(self.params.base, total_iterations)
+        return []
+
     def build_extra_modules(self, student: nn.Module) -> dict[str, nn.Module]:
+        if not self.active:  # the base alone: no extra parameters, no extra RNG use
+            return {}
         p = self.params
         in_channels = MultiScaleProjection.input_channels(student.channels)
         return {
@@ -245,44 +308,105 @@ class PCCS(Method):
         return self._frozen["network"], self._frozen["projection"]
 
     def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
+        """The base's terms from PCCS's own view of the step, plus PCCS's terms. With every component
+        off the view runs exactly the base's computation (same passes, same RNG draws)."""
         p = self.params
-        teacher_network, teacher_head = self._teacher(models)  # frozen: snapshot on the first step
-        n_labeled = batch.labeled_image.shape[0]
-        images = torch.cat([batch.labeled_image, batch.unlabeled_image])
-        student = models.student.forward_features(images)
-        terms = supervised_terms(models, batch, 0.0, (student.logits[:n_labeled], []))
+        teacher_network, teacher_head = self._teacher(models) if self.active else (None, None)
+        if p.base.mix == "bcp":
+            terms, view = self._copy_paste_view(batch, models, step, teacher_network)
+        else:
+            terms, view = self._supervised_view(batch, models, teacher_network)
+        if view is None:
+            return terms
         with_prototypes = step.iteration >= p.warmup_iterations
         with_consistency = p.unc_consistency and step.iteration >= p.consistency_start
         if not (with_prototypes or with_consistency):
             return terms
         with torch.no_grad():
-            teacher = teacher_network.forward_features(images)
+            teacher = view.teacher()
             z_teacher = teacher_features(teacher_head(teacher.features))
             bank = self.bank.to(z_teacher.device)
             teacher_scores = class_scores(z_teacher, bank.prototypes)
         grid = z_teacher.shape[-2:]
-        student_logits = F.interpolate(student.logits, size=grid, mode="bilinear", align_corners=False)
+        student_logits = F.interpolate(view.student.logits, size=grid, mode="bilinear", align_corners=False)
         threshold = uncertainty_threshold(step.iteration, step.total_iterations)
         if with_consistency:
             weight = None
             if p.consistency_weighting != "none":
                 weight = entropy_weight(torch.softmax(teacher_scores, 1), p.consistency_weighting, threshold)
             terms["uncertainty_consistency"] = self.consistency_weight(step) * uncertainty_consistency(
-                student_logits, teacher_scores, n_labeled, p.ent_coef, p.ent_reduce, weight
+                student_logits, teacher_scores, view.split, p.ent_coef, p.ent_reduce, weight
             )
         if with_prototypes:
             terms.update(
                 self._prototype_terms(
-                    batch, models, student, teacher, z_teacher, teacher_scores, student_logits, threshold
+                    view, models, teacher, z_teacher, teacher_scores, student_logits, threshold
                 )
             )
         return terms
 
+    def _supervised_view(
+        self, batch: Batch, models: Models, teacher_network: nn.Module | None
+    ) -> tuple[dict[str, torch.Tensor], _StepView | None]:
+        """½(CE + Dice) on the labelled slices; the student sees the unlabelled slices in the same pass
+        (as the PCCS code), but only when a component will use them: all off, this is the supervised
+        baseline's step."""
+        n_labeled = batch.labeled_image.shape[0]
+        images = (
+            torch.cat([batch.labeled_image, batch.unlabeled_image]) if self.active else batch.labeled_image
+        )
+        student = models.student.forward_features(images)
+        terms = supervised_terms(models, batch, 0.0, (student.logits[:n_labeled], []))
+        if not self.active:
+            return terms, None
+        unknown = torch.full_like(batch.labeled_label[:1], IGNORE).expand(
+            batch.unlabeled_image.shape[0], -1, -1
+        )
+
+        @torch.no_grad()
+        def teacher() -> UNetOutput:
+            return teacher_network.forward_features(images)
+
+        first = n_labeled if self.params.sdm_images == "unlabeled" else 0
+        labels = torch.cat([batch.labeled_label, unknown])
+        return terms, _StepView(student, teacher, labels, n_labeled, first, slice(n_labeled, None), None)
+
+    def _copy_paste_view(
+        self, batch: Batch, models: Models, step: StepInfo, teacher_network: nn.Module | None
+    ) -> tuple[dict[str, torch.Tensor], _StepView | None]:
+        """BCP's step (its mixed inputs, passes and loss). PCCS's terms then work on the mixed inputs:
+        labels = the mixed label map, the teacher runs on the mixed inputs (with the base's passes), l_c
+        compares each mixed input separately, Π moves with the pseudo-labelled pixels. Nothing of PCCS
+        runs during the labelled-only pre-training."""
+        base = self.params.base
+        mixed = copy_paste_step(base, self.num_classes, batch, models, step)
+        inputs = [item.images for item in mixed.inputs]
+        if base.forward_passes == "separate":
+            outputs = [models.student.forward_features(images) for images in inputs]
+            logits = [output.logits for output in outputs]
+        else:
+            joint = models.student.forward_features(torch.cat(inputs))
+            logits = list(torch.split(joint.logits, [images.shape[0] for images in inputs]))
+        terms = {mixed.stage: copy_paste_loss(base, mixed, logits)}
+        if not self.active or mixed.stage == "copy_paste_labeled":
+            return terms, None
+        student = join_outputs(outputs) if base.forward_passes == "separate" else joint
+
+        @torch.no_grad()
+        def teacher() -> UNetOutput:
+            if base.forward_passes == "separate":
+                return join_outputs([teacher_network.forward_features(images) for images in inputs])
+            return teacher_network.forward_features(torch.cat(inputs))
+
+        view = _StepView(
+            student, teacher, mixed.target, inputs[0].shape[0], 0, slice(0, None), ~mixed.from_labeled
+        )
+        return terms, view
+
     def _prototype_terms(
         self,
-        batch: Batch,
+        view: _StepView,
         models: Models,
-        student: UNetOutput,
         teacher: UNetOutput,
         z_teacher: torch.Tensor,
         teacher_scores: torch.Tensor,
@@ -290,49 +414,53 @@ class PCCS(Method):
         threshold: float,
     ) -> dict[str, torch.Tensor]:
         p = self.params
-        n_labeled = batch.labeled_image.shape[0]
         grid = z_teacher.shape[-2:]
-        features = models.extra["projection"](student.features)  # (B, D, h, w), with gradient
+        nearest = lambda t: F.interpolate(t[:, None].float(), size=grid, mode="nearest")[:, 0]  # noqa: E731
+        features = models.extra["projection"](view.student.features)  # (B, D, h, w), with gradient
         with torch.no_grad():
             source = student_logits.detach()
             if p.pseudo_source == "teacher":
                 source = F.interpolate(teacher.logits, size=grid, mode="bilinear", align_corners=False)
             probabilities = torch.softmax(source, dim=1)
-            labels = probabilities.argmax(dim=1)
-            small = F.interpolate(batch.labeled_label[:, None].float(), size=grid, mode="nearest")
-            labels[:n_labeled] = small[:, 0].long()
+            given = nearest(view.labels).long()
+            labels = torch.where(given >= 0, given, probabilities.argmax(dim=1))
             uncertain = entropy(probabilities) > threshold
-        layers = self._layers(labels, uncertain, n_labeled)
+            rows = view.update_rows
+            teacher_labels = teacher_scores[rows].argmax(dim=1)
+            pseudo_uncertain = uncertain[rows]
+            if view.update_pixels is not None:
+                pixels = nearest(view.update_pixels)[rows] > 0.5
+                teacher_labels = torch.where(pixels, teacher_labels, torch.full_like(teacher_labels, IGNORE))
+                pseudo_uncertain = pseudo_uncertain[pixels]
+        layers = self._layers(labels, uncertain, view.layer_first)
         flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
         prototypes, mean_probabilities = pool_layers(
             flat(features), flat(probabilities), layers.layer_ids, layers.pixel_ids, layers.count
         )
         self._last = {
             "pccs_prototypes": torch.tensor(float(layers.count)),
-            "pccs_uncertain_fraction": uncertain[n_labeled:].float().mean(),
+            "pccs_uncertain_fraction": pseudo_uncertain.float().mean(),
         }
         terms: dict[str, torch.Tensor] = {}
         if p.contrast:
             terms["prototype_contrast"] = p.lambda_pc * uncertainty_weighted_contrast(
                 prototypes, layers.classes, mean_probabilities, p.tau, p.unc_weight, p.unc_sign
             )
-        unlabeled = slice(n_labeled, None)
         if p.proto_update:
             terms["prototype_aux"] = p.lambda_aux * self._update_prototypes(
                 models.extra["prototypes"],
-                features[unlabeled].detach(),
-                z_teacher[unlabeled],
-                teacher_scores[unlabeled].argmax(dim=1),
+                features[rows].detach(),
+                z_teacher[rows],
+                teacher_labels,
                 layer_groups(prototypes.detach(), layers.classes, layers.depth, self.num_classes, p.K),
             )
         else:
-            self._class_mean_update(z_teacher[unlabeled], teacher_scores[unlabeled].argmax(dim=1))
+            self._class_mean_update(z_teacher[rows], teacher_labels)
         return terms
 
-    def _layers(self, labels: torch.Tensor, uncertain: torch.Tensor, n_labeled: int) -> _LayerSet:
-        """SDM layers (or class-mean sets) of the chosen images, falling back to class means if empty."""
+    def _layers(self, labels: torch.Tensor, uncertain: torch.Tensor, first: int) -> _LayerSet:
+        """SDM layers (or class-mean sets) of images [first:], falling back to class means if empty."""
         p = self.params
-        first = n_labeled if p.sdm_images == "unlabeled" else 0
         label_maps = labels[first:].cpu().numpy()
         uncertain_maps = uncertain[first:].cpu().numpy()
         if p.sdm_protos:
@@ -390,7 +518,7 @@ class PCCS(Method):
             layer_prototypes, present = grouped_layers
             present_counts = present[:, None].expand(-1, k).long()
             bank.update(layer_prototypes, bank.intensity, present_counts, n_min=1, momentum=p.mix_momentum)
-            self._last["pccs_agreement"] = agree.float().mean()
+            self._last["pccs_agreement"] = agree[teacher_labels >= 0].float().mean()
         # teacher features scored by the student's prototypes: only W_S learns from l_aux
         return F.cross_entropy(prototype_layer(z_teacher), target, ignore_index=IGNORE)
 
@@ -415,7 +543,7 @@ class PCCS(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bank.load_state_dict(state["bank"])
-        if self.params.teacher_update == "frozen":
+        if self.params.teacher_update == "frozen" and self.active:  # inactive: never snapshotted
             if "frozen_teacher" not in state:
                 raise ValueError("pccs checkpoint has no frozen teacher but teacher_update is 'frozen'")
             self._frozen, self._frozen_state = None, state["frozen_teacher"]

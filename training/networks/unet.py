@@ -22,6 +22,15 @@ class UNetOutput(NamedTuple):
     deep_logits: list[torch.Tensor]  # logits at 1/8, 1/4, 1/2 when deep supervision is on, else []
 
 
+def join_outputs(outputs: list[UNetOutput]) -> UNetOutput:
+    """One UNetOutput for the concatenation of several passes' batches."""
+    return UNetOutput(
+        torch.cat([output.logits for output in outputs]),
+        [torch.cat(level) for level in zip(*(output.features for output in outputs), strict=True)],
+        [torch.cat(level) for level in zip(*(output.deep_logits for output in outputs), strict=True)],
+    )
+
+
 class ConvBlock(nn.Module):
     """Two 3x3 conv + BN + LeakyReLU, with dropout between them (as the reference network)."""
 
