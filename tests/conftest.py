@@ -66,3 +66,18 @@ def package_dir(tmp_path_factory):
     from tests.segment_helpers import make_package
 
     return make_package(tmp_path_factory.mktemp("package"))
+
+
+def straight_and_resumed(make_trainer, tmp_path: Path, stop_at: int = 2):
+    """Train once straight through, and once interrupted at ``stop_at`` then resumed from latest.pt.
+
+    ``make_trainer(subdir)`` builds a fresh trainer writing to ``tmp_path / subdir``; returns
+    (straight, resumed) so a test can compare their final states.
+    """
+    straight = make_trainer("straight")
+    straight.fit(progress=False)
+    make_trainer("interrupted").fit(stop_at=stop_at, progress=False)
+    resumed = make_trainer("interrupted")
+    resumed.resume_from(tmp_path / "interrupted" / "latest.pt")
+    resumed.fit(progress=False)
+    return straight, resumed

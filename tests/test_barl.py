@@ -29,7 +29,7 @@ from mpcl.training.methods.base import StageSwitch
 from mpcl.training.methods.bcp import copy_paste_step
 from mpcl.training.networks import UNet
 from mpcl.training.trainer import Trainer, inference_model_from_checkpoint
-from tests.conftest import tiny_config_dict
+from tests.conftest import straight_and_resumed, tiny_config_dict
 
 
 # -- instance matching ---------------------------------------------------------------------------------
@@ -298,13 +298,9 @@ def test_all_switches_off_is_two_supervised_networks(tmp_path):
 
 
 def test_branch_b_is_saved_and_resumed_exactly(tmp_path):
-    straight = _trainer(tmp_path, subdir="straight", **LOOSE)
-    straight.fit(progress=False)
-    interrupted = _trainer(tmp_path, subdir="interrupted", **LOOSE)
-    interrupted.fit(stop_at=2, progress=False)
-    resumed = _trainer(tmp_path, subdir="interrupted", **LOOSE)
-    resumed.resume_from(tmp_path / "interrupted" / "latest.pt")
-    resumed.fit(progress=False)
+    straight, resumed = straight_and_resumed(
+        lambda subdir: _trainer(tmp_path, subdir=subdir, **LOOSE), tmp_path
+    )
     for first, second in (
         (straight.models.student, resumed.models.student),
         (straight.models.extra, resumed.models.extra),
@@ -412,13 +408,9 @@ def test_on_bcp_strong_views_are_mixed_like_the_weak_ones(tmp_path):
 
 def test_on_bcp_both_branches_resume_exactly(tmp_path):
     params = {**LOOSE, "base": {"mix": "bcp", "pretrain_iterations": 1}}
-    straight = _trainer(tmp_path, subdir="straight", **params)
-    straight.fit(progress=False)
-    interrupted = _trainer(tmp_path, subdir="interrupted", **params)
-    interrupted.fit(stop_at=2, progress=False)
-    resumed = _trainer(tmp_path, subdir="interrupted", **params)
-    resumed.resume_from(tmp_path / "interrupted" / "latest.pt")
-    resumed.fit(progress=False)
+    straight, resumed = straight_and_resumed(
+        lambda subdir: _trainer(tmp_path, subdir=subdir, **params), tmp_path
+    )
     for name in ("student", "teacher", "extra"):
         _same_state(getattr(straight.models, name), getattr(resumed.models, name))
 

@@ -23,7 +23,7 @@ from mpcl.training.losses.prototypes import (
 from mpcl.training.methods import StepInfo
 from mpcl.training.methods.prototype_bank import PrototypeBank
 from mpcl.training.trainer import Trainer
-from tests.conftest import tiny_config_dict
+from tests.conftest import straight_and_resumed, tiny_config_dict
 
 
 def _phantom_slice():
@@ -276,13 +276,9 @@ def test_warm_up_uses_labelled_pixels_only_and_no_ramped_terms(tmp_path):
 
 def test_bank_and_teacher_head_survive_a_resume_exactly(tmp_path):
     params = {"warmup_iterations": 1, "tau_conf": 0.5, "n_min": 1}
-    straight = _trainer(tmp_path, iterations=4, subdir="straight", **params)
-    straight.fit(progress=False)
-    interrupted = _trainer(tmp_path, iterations=4, subdir="interrupted", **params)
-    interrupted.fit(stop_at=2, progress=False)
-    resumed = _trainer(tmp_path, iterations=4, subdir="interrupted", **params)
-    resumed.resume_from(tmp_path / "interrupted" / "latest.pt")
-    resumed.fit(progress=False)
+    straight, resumed = straight_and_resumed(
+        lambda subdir: _trainer(tmp_path, iterations=4, subdir=subdir, **params), tmp_path
+    )
     assert torch.equal(straight.method.bank.prototypes, resumed.method.bank.prototypes)
     assert_same_state(straight.models.teacher_extra, resumed.models.teacher_extra)
     assert_same_state(straight.models.student, resumed.models.student)

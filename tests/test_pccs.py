@@ -27,7 +27,7 @@ from mpcl.training.methods.base import StageSwitch
 from mpcl.training.methods.bcp import copy_paste_step
 from mpcl.training.methods.pccs import PCCS, PCCSBaseParams, PCCSParams
 from mpcl.training.trainer import Trainer
-from tests.conftest import tiny_config_dict
+from tests.conftest import straight_and_resumed, tiny_config_dict
 
 # every prototype term from the first step, small embeddings, bands (the 8x8 grid of 32x32 patches)
 FAST = {"consistency_start": 0, "warmup_iterations": 0, "embed_dim": 16, "sdm_levels": "bands"}
@@ -377,13 +377,9 @@ def test_phases_supervised_then_consistency_then_prototypes(tmp_path):
 
 def test_prototypes_and_student_survive_a_resume_exactly(tmp_path):
     params = {**FAST, "warmup_iterations": 1}
-    straight = _trainer(tmp_path, subdir="straight", **params)
-    straight.fit(progress=False)
-    interrupted = _trainer(tmp_path, subdir="interrupted", **params)
-    interrupted.fit(stop_at=2, progress=False)
-    resumed = _trainer(tmp_path, subdir="interrupted", **params)
-    resumed.resume_from(tmp_path / "interrupted" / "latest.pt")
-    resumed.fit(progress=False)
+    straight, resumed = straight_and_resumed(
+        lambda subdir: _trainer(tmp_path, subdir=subdir, **params), tmp_path
+    )
     assert torch.equal(straight.method.bank.prototypes, resumed.method.bank.prototypes)
     assert not torch.equal(straight.method.bank.prototypes, _method_like(straight).bank.prototypes)
     resumed_student = resumed.models.student.state_dict()
