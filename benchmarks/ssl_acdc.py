@@ -182,6 +182,9 @@ def provenance(config) -> dict:
         "config_hash": config_hash(plain),
         "torch": torch.__version__,
         "cpu": cpu_description(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(),
     }
 
@@ -330,14 +333,7 @@ def _load_report(path: Path, budget: str) -> dict:
 
 
 def _write_report(report: dict, json_path: Path) -> None:
-    import torch
-
-    report["machine"] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    """Write the JSON (atomically) and the Markdown table; each run carries its own machine."""
     order = {name: index for index, name in enumerate(VARIANTS)}
     report["runs"].sort(
         key=lambda run: (
