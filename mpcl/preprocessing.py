@@ -135,10 +135,10 @@ def resize_2d(data: np.ndarray, out_hw: tuple[int, int], order: int = 1) -> np.n
 
 
 def _zoom_axis_nearest(data: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    coords = _axis_coordinates(data.shape[axis], n_out)
-    n_in = data.shape[axis]
-    result = np.take(data, np.minimum(np.floor(coords + 0.5).astype(np.int64), n_in - 1), axis=axis)
-    beyond = coords > n_in - 1  # past the last sample by rounding error: scipy's mode="constant" gives 0
+    """``_resize_axis_nearest``, then 0 where a coordinate lands past the last source sample by rounding
+    error: scipy's ``zoom`` (mode "constant") samples outside the input there."""
+    result = _resize_axis_nearest(data, axis, n_out)
+    beyond = _axis_coordinates(data.shape[axis], n_out) > data.shape[axis] - 1
     if beyond.any():
         index = [slice(None)] * data.ndim
         index[axis] = beyond

@@ -9,9 +9,9 @@ from mpcl.training.data.loading import load_data
 from mpcl.training.losses.dice import ce_dice_loss
 from mpcl.training.losses.mixing import (
     largest_component_per_class,
+    mix_images,
     mix_loss,
     outer_box_mask,
-    paste,
     random_box_mask,
 )
 from mpcl.training.methods import Models, StepInfo
@@ -28,14 +28,11 @@ def test_box_mask_has_the_requested_size():
     assert rows.max() - rows.min() + 1 == 20 and cols.max() - cols.min() + 1 == 16
 
 
-def test_paste_takes_inside_from_the_first_and_outside_from_the_second():
-    mask = torch.zeros(4, 4)
-    mask[1:3, 1:3] = 1
-    images = paste(torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), mask)
-    assert torch.equal(images[:, 0], mask.expand(2, 4, 4))
-    labels = paste(torch.full((2, 4, 4), 3), torch.full((2, 4, 4), 1), mask)
-    assert labels.dtype == torch.int64
-    assert torch.equal(labels[0], torch.where(mask.bool(), 3, 1))
+def test_mix_images_takes_outside_from_the_first_and_the_box_from_the_second():
+    mask = torch.ones(4, 4)
+    mask[1:3, 1:3] = 0
+    images = mix_images(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4), mask)
+    assert torch.equal(images[:, 0], (1 - mask).expand(2, 4, 4))
 
 
 def test_largest_component_keeps_one_blob_per_class():
@@ -163,6 +160,10 @@ def test_self_training_loss_is_half_the_sum_of_both_mix_losses():
     assert torch.equal(step.inputs[1].images, images[2:] * outer + unlabeled[2:] * (1 - outer))
     with torch.no_grad():
         pseudo = torch.softmax(teacher(unlabeled), 1).argmax(1)
+    inside = (outer == 0).expand(2, -1, -1)  # the mixed label maps keep integer labels
+    assert step.target.dtype == labels.dtype
+    assert torch.equal(step.target[:2], torch.where(inside, labels[:2], pseudo[:2]))
+    assert torch.equal(step.target[2:], torch.where(inside, pseudo[2:], labels[2:]))
     torch.manual_seed(2)
     logits = [torch.randn(2, 4, 12, 12), torch.randn(2, 4, 12, 12)]
     mask = outer.expand(2, -1, -1)

@@ -19,35 +19,22 @@ from __future__ import annotations
 
 from typing import Any
 
-# dotted config key -> value under the published protocol
-PUBLISHED: dict[str, Any] = {
-    "model.upsampling": "bilinear",
-    "augment.policy": "published",
-    "evaluation.resize": "nearest",
-    "evaluation.empty_prediction": "zero",
+# dotted config key -> (value under the published protocol, value under the legacy one)
+SETTINGS: dict[str, tuple[Any, Any]] = {
+    "model.upsampling": ("bilinear", "transposed"),
+    "augment.policy": ("published", "affine"),
+    "evaluation.resize": ("nearest", "linear"),
+    "evaluation.empty_prediction": ("zero", "undefined"),
 }
-# keys of the copy-paste base, relative to where the method keeps them (bcp: params, mpcl: params.base)
-PUBLISHED_COPY_PASTE: dict[str, Any] = {
-    "loss": "published",
-    "stage_switch": "best",
-    "connectivity": 8,
-    "forward_passes": "separate",
+# keys of the copy-paste base, relative to where the method keeps them (bcp: params, others: params.base)
+COPY_PASTE_SETTINGS: dict[str, tuple[Any, Any]] = {
+    "loss": ("published", "pixel_weighted"),
+    "stage_switch": ("best", "last"),
+    "connectivity": (8, 4),
+    "forward_passes": ("separate", "joint"),
 }
 # keys of the Mean Teacher base, relative to where the method keeps them
-PUBLISHED_MEAN_TEACHER: dict[str, Any] = {"rampup_step": 150}
-LEGACY_MEAN_TEACHER: dict[str, Any] = {"rampup_step": 1}
-LEGACY: dict[str, Any] = {
-    "model.upsampling": "transposed",
-    "augment.policy": "affine",
-    "evaluation.resize": "linear",
-    "evaluation.empty_prediction": "undefined",
-}
-LEGACY_COPY_PASTE: dict[str, Any] = {
-    "loss": "pixel_weighted",
-    "stage_switch": "last",
-    "connectivity": 4,
-    "forward_passes": "joint",
-}
+MEAN_TEACHER_SETTINGS: dict[str, tuple[Any, Any]] = {"rampup_step": (150, 1)}
 PROTOCOLS = ("published", "legacy")
 
 
@@ -93,15 +80,15 @@ def mean_teacher_prefix(method: dict) -> str | None:
 
 def presets(data: dict) -> dict[str, Any]:
     """The protocol's value for every key it governs in this config (dotted key -> value)."""
-    legacy = data.get("protocol") == "legacy"
-    values = dict(LEGACY if legacy else PUBLISHED)
+    column = 1 if data.get("protocol") == "legacy" else 0
     method = data.get("method") or {}
-    for prefix, keys in (
-        (copy_paste_prefix(method), LEGACY_COPY_PASTE if legacy else PUBLISHED_COPY_PASTE),
-        (mean_teacher_prefix(method), LEGACY_MEAN_TEACHER if legacy else PUBLISHED_MEAN_TEACHER),
+    values = {key: pair[column] for key, pair in SETTINGS.items()}
+    for prefix, settings in (
+        (copy_paste_prefix(method), COPY_PASTE_SETTINGS),
+        (mean_teacher_prefix(method), MEAN_TEACHER_SETTINGS),
     ):
         if prefix is not None:
-            values.update({f"{prefix}.{key}": value for key, value in keys.items()})
+            values.update({f"{prefix}.{key}": pair[column] for key, pair in settings.items()})
     return values
 
 

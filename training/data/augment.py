@@ -15,7 +15,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from mpcl.preprocessing import resize_2d
+from mpcl.preprocessing import resize_2d, zoom_nearest
 from mpcl.training.config import AugmentConfig
 
 
@@ -70,27 +70,20 @@ def affine_to_patch(
     return image_out, label_out
 
 
-def zoom_to_patch(
-    image: np.ndarray, label: np.ndarray | None, patch_size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``scipy.ndimage.zoom(x, (ph / h, pw / w), order=0)`` of image and label, as RandomGenerator."""
-    factors = (patch_size[0] / image.shape[0], patch_size[1] / image.shape[1])
-    zoomed = ndimage.zoom(image, factors, order=0).astype(np.float32)
-    return zoomed, None if label is None else ndimage.zoom(label, factors, order=0)
-
-
 def published_view(
     rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None, patch_size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """SSL4MIS/BCP ``RandomGenerator``: with probability ½ rot90 + flip; otherwise with probability ½ a
-    rotation by an integer angle in [-20, 20) degrees (order 0, same shape); then the order-0 zoom."""
+    rotation by an integer angle in [-20, 20) degrees (order 0, same shape); then scipy's order-0 zoom
+    to the patch (``zoom_nearest``, the same function the test-time resize uses)."""
     if rng.random() > 0.5:
         image, label = random_rot90_flip(rng, image, label)
     elif rng.random() > 0.5:
         angle = int(rng.integers(-20, 20))
         image = ndimage.rotate(image, angle, order=0, reshape=False)
         label = None if label is None else ndimage.rotate(label, angle, order=0, reshape=False)
-    return zoom_to_patch(np.ascontiguousarray(image), label, patch_size)
+    image = zoom_nearest(image, patch_size).astype(np.float32, copy=False)
+    return image, None if label is None else zoom_nearest(label, patch_size)
 
 
 def weak_view(

@@ -72,15 +72,9 @@ def mix_loss(
     return dice, ce
 
 
-def paste(inside: torch.Tensor, outside: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``inside`` where mask is 1, ``outside`` elsewhere (images (B,1,H,W) or label maps (B,H,W))."""
-    if inside.dim() == 4:
-        mask = mask[None, None]
-    return (
-        inside * mask + outside * (1 - mask)
-        if inside.is_floating_point()
-        else torch.where(mask.bool(), inside, outside)
-    )
+def mix_images(outer: torch.Tensor, inner: torch.Tensor, outer_mask: torch.Tensor) -> torch.Tensor:
+    """``outer`` outside the box, ``inner`` inside it (BCP's ``a * img_mask + b * (1 - img_mask)``)."""
+    return outer * outer_mask + inner * (1 - outer_mask)
 
 
 def largest_component_per_class(

@@ -87,7 +87,7 @@ from mpcl.training.losses.barl_label import (
 )
 from mpcl.training.losses.consistency import sigmoid_rampup
 from mpcl.training.losses.dice import ce_dice_loss
-from mpcl.training.losses.mixing import random_box_mask
+from mpcl.training.losses.mixing import mix_images, random_box_mask
 from mpcl.training.losses.prototypes import IGNORE
 from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
 from mpcl.training.methods.bcp import (
@@ -97,7 +97,6 @@ from mpcl.training.methods.bcp import (
     copy_paste_loss,
     copy_paste_stage_switches,
     copy_paste_step,
-    mix_images,
 )
 from mpcl.training.networks.projection import ProjectionHead
 from mpcl.training.networks.unet import UNet, UNetOutput, join_outputs

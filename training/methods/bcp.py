@@ -27,7 +27,7 @@ import torch
 from mpcl.errors import ConfigError
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.dice import ce_dice_loss
-from mpcl.training.losses.mixing import largest_component_per_class, mix_loss, outer_box_mask
+from mpcl.training.losses.mixing import largest_component_per_class, mix_images, mix_loss, outer_box_mask
 from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
 
 
@@ -111,11 +111,6 @@ class CopyPasteStep:
                 for item in self.inputs
             ]
         )
-
-
-def mix_images(outer: torch.Tensor, inner: torch.Tensor, outer_mask: torch.Tensor) -> torch.Tensor:
-    """``outer`` outside the box, ``inner`` inside it (BCP's ``a * img_mask + b * (1 - img_mask)``)."""
-    return outer * outer_mask + inner * (1 - outer_mask)
 
 
 def run_per_input(network: Callable, inputs: list[torch.Tensor], forward_passes: str) -> list:
