@@ -7,14 +7,18 @@ One line per case goes to stdout (``[i/n] done NAME -> PATH (s)`` or ``[i/n] fai
 so a parent process such as the 3D Slicer module can follow a batch; logs go to stderr. A case that fails
 leaves nothing on disk and the others still run. Exit codes: 0 all written, 1 some case failed,
 2 nothing was run (bad model package, arguments, or outputs that already exist without --overwrite),
-130 interrupted. argparse only, so the runtime needs no extra dependency.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like Ctrl-C: the case being written leaves
+nothing behind). argparse only, so the runtime needs no extra dependency.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +28,24 @@ from mpcl.backends import BACKEND_NAMES
 from mpcl.errors import MPCLError
 
 FORMATS = ("nii.gz", "nii", "nrrd", "mha", "seg.nrrd")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that temporaries are removed as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,8 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="nii.gz", choices=FORMATS, help="output format in folder mode")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     parser.add_argument("--series", help="DICOM series instance UID, for folders holding several series")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per network call (default 8)")
-    parser.add_argument("--threads", type=int, help="CPU threads for the backend (default: all cores)")
+    parser.add_argument(
+        "--allow-slice-gaps",
+        action="store_true",
+        help="accept a DICOM series whose slices are unevenly spaced (a missing file): its slices are "
+        "then stacked at one spacing, as ITK reads them",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="slices per network call (default 8)"
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, help="CPU threads for the backend (default: all cores)"
+    )
     parser.add_argument("--no-postprocess", action="store_true", help="skip the package's post-processing")
     parser.add_argument("-q", "--quiet", action="store_true", help="only the per-case lines and errors")
     parser.add_argument("--version", action="version", version=f"mpcl {mpcl.__version__}")
@@ -69,6 +101,12 @@ def _targets(inputs: Sequence[str], output: str, fmt: str) -> list[Path]:
     out = Path(output)
     if len(inputs) == 1 and str(out).lower().endswith(OUTPUT_SUFFIXES) and not out.is_dir():
         return [out]
+    names_a_file = out.suffix[1:].isalnum() and not output.endswith(("/", os.sep)) and not out.is_dir()
+    if names_a_file:
+        raise MPCLError(
+            f"{out}: is not an output format mpcl-segment writes ({', '.join(OUTPUT_SUFFIXES)}); "
+            "to write into a folder of that name, end it with '/'"
+        )
     if out.exists() and not out.is_dir():
         raise MPCLError(f"{out}: is a file; with several inputs give an output folder")
     targets = [out / f"{case_name(source)}.{fmt}" for source in inputs]
@@ -91,21 +129,31 @@ def segment_main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    code = _run(args)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        code = _run(args)
+    except KeyboardInterrupt as stop:  # before or between cases: nothing is half-written
+        print("Interrupted.", file=sys.stderr, flush=True)
+        code = 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if argv is None:
         sys.exit(code)
     return code
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mpcl.segmenter import Segmenter, output_paths, refuse_existing
+    from mpcl.inputs import case_name, dicom_series_image
+    from mpcl.segmenter import Segmenter, output_paths, refuse_existing, refuse_input_as_output
 
     try:
         targets = _targets(args.inputs, args.output, args.format)
-        for target in targets:
-            refuse_existing(
-                output_paths(target, args.probabilities, args.uncertainty).values(), args.overwrite
-            )
+        for source, target in zip(args.inputs, targets, strict=True):
+            paths = output_paths(target, args.probabilities, args.uncertainty).values()
+            refuse_input_as_output(source, paths)
+            refuse_existing(paths, args.overwrite)
         segmenter = Segmenter.from_pretrained(
             args.model,
             args.backend,
@@ -123,8 +171,11 @@ def _run(args: argparse.Namespace) -> int:
     for index, (source, target) in enumerate(zip(args.inputs, targets, strict=True), 1):
         started = time.perf_counter()
         try:
+            image = source
+            if args.allow_slice_gaps and Path(source).is_dir():
+                image = dicom_series_image(Path(source), args.series, allow_slice_gaps=True)[0]
             result, written = segmenter.segment_to_files(
-                source,
+                image,
                 target,
                 probabilities=args.probabilities,
                 uncertainty=args.uncertainty,
@@ -136,12 +187,13 @@ def _run(args: argparse.Namespace) -> int:
             _emit(f"[{index}/{total}] failed {source}: {error}")
             print(f"Error: {error}", file=sys.stderr, flush=True)
             continue
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             _emit(f"[{index}/{total}] interrupted {source}; nothing was written for it")
-            return 130
+            return 143 if isinstance(stop, Terminated) else 130
         extras = "".join(f", {key} {path}" for key, path in written.items() if key != "segmentation")
         _emit(
-            f"[{index}/{total}] done {result.name} -> {written['segmentation']}{extras} "
+            f"[{index}/{total}] done {result.name if image is source else case_name(source)} -> "
+            f"{written['segmentation']}{extras} "
             f"({time.perf_counter() - started:.2f} s, {segmenter.backend.name})"
         )
     return 1 if failures else 0

@@ -23,3 +23,8 @@ class ModelPackageError(MPCLError, ValueError):
 
 class Cancelled(MPCLError):
     """A run was stopped through its ``cancel_event``; nothing was written."""
+
+
+class OutputError(MPCLError):
+    """An output cannot be written (full or read-only disk, a folder in the way); nothing is left under
+    its final name."""

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from mpcl.errors import InputError
-from mpcl.io import ImageGeometry, read_image, sitk_to_array
+from mpcl.io import ImageGeometry, check_direction, itk_reason, read_image, sitk_to_array
 
 IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".img", ".hdr")
 
@@ -48,8 +48,6 @@ def _is_nibabel_image(source: Any) -> bool:
     return all(hasattr(source, attribute) for attribute in ("affine", "dataobj", "header"))
 
 
-
-
 def _describe_series(folder: Path, series_id: str) -> str:
     """'UID (MR, cine SAX, 12 files)': enough for a user to pick the right series."""
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
@@ -67,8 +65,70 @@ def _describe_series(folder: Path, series_id: str) -> str:
     return f"{series_id} ({', '.join(details)})"
 
 
-def read_dicom_folder(folder: Path, series_id: str | None = None) -> tuple[np.ndarray, ImageGeometry]:
-    """Read one DICOM series from a folder; refuse an empty folder or an ambiguous one (listing series)."""
+def _slice_headers(files: Sequence[str]) -> list[dict[str, str]]:
+    """Size, position and orientation of each DICOM file, read from headers only (no pixel data)."""
+    headers = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            headers.append({"file": name})
+            continue
+        header = {"file": name, "size": "x".join(str(v) for v in reader.GetSize()[:2])}
+        for key, tag in (("position", "0020|0032"), ("orientation", "0020|0037")):
+            if reader.HasMetaDataKey(tag):
+                header[key] = reader.GetMetaData(tag).strip()
+        headers.append(header)
+    return headers
+
+
+def _numbers(text: str, count: int) -> np.ndarray | None:
+    try:
+        values = np.array([float(v) for v in text.split("\\")])
+    except ValueError:
+        return None
+    return values if values.size == count and np.isfinite(values).all() else None
+
+
+def check_dicom_slices(folder: Path, series_id: str, files: Sequence[str], spacing: bool = True) -> None:
+    """Refuse a series whose slices differ in size or (``spacing``) are not evenly spaced (a missing or
+    duplicated file): ITK would stack them at one assumed spacing and misplace every slice after it."""
+    headers = _slice_headers(files)
+    sizes = sorted({h.get("size", "unreadable") for h in headers})
+    if len(sizes) > 1:
+        raise InputError(
+            f"{folder}: DICOM series {series_id} mixes slice sizes {sizes}; its files are not one volume"
+        )
+    if not spacing or len(headers) < 3:
+        return
+    orientation = _numbers(headers[0].get("orientation", ""), 6)
+    positions = [_numbers(h.get("position", ""), 3) for h in headers]
+    if orientation is None or any(position is None for position in positions):
+        return  # no geometry to check against; ITK falls back to its own defaults
+    normal = np.cross(orientation[:3], orientation[3:])
+    heights = np.sort(np.array([float(np.dot(position, normal)) for position in positions]))
+    steps = np.diff(heights)
+    step = float(np.median(steps))
+    tolerance = max(0.01, 0.01 * abs(step))
+    irregular = np.flatnonzero(np.abs(steps - step) > tolerance)
+    if step <= tolerance or irregular.size:
+        where = irregular[0] if irregular.size else int(np.argmin(steps))
+        raise InputError(
+            f"{folder}: DICOM series {series_id} is not evenly spaced: slices at {heights[where]:.2f} and "
+            f"{heights[where + 1]:.2f} mm are {steps[where]:.2f} mm apart where the series steps "
+            f"{step:.2f} mm (a missing or duplicated slice file?); to accept it as it is, read it "
+            "yourself (e.g. SimpleITK) and pass the image, or use --allow-slice-gaps"
+        )
+
+
+def dicom_series_image(
+    folder: Path, series_id: str | None = None, allow_slice_gaps: bool = False
+) -> tuple[sitk.Image, str]:
+    """One DICOM series of a folder as a SimpleITK image, and its UID; refuses an empty folder, an
+    ambiguous one (listing its series), mixed slice sizes and, unless ``allow_slice_gaps``, uneven
+    slice spacing."""
     series = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if not series:
         raise InputError(f"{folder}: no DICOM series found in this folder")
@@ -82,13 +142,19 @@ def read_dicom_folder(folder: Path, series_id: str | None = None) -> tuple[np.nd
         series_id = series[0]
     elif series_id not in series:
         raise InputError(f"{folder}: has no DICOM series {series_id!r}; it holds {series}")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+    check_dicom_slices(folder, series_id, files, spacing=not allow_slice_gaps)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+    reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        return reader.Execute(), series_id
     except RuntimeError as error:
-        last = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
-        raise InputError(f"{folder}: DICOM series {series_id} cannot be read ({last})") from None
+        raise InputError(f"{folder}: DICOM series {series_id} cannot be read ({itk_reason(error)})") from None
+
+
+def read_dicom_folder(folder: Path, series_id: str | None = None) -> tuple[np.ndarray, ImageGeometry]:
+    """Read one DICOM series from a folder (see :func:`dicom_series_image`) as an array and geometry."""
+    image, series_id = dicom_series_image(folder, series_id)
     return sitk_to_array(image, f"{folder} (DICOM series {series_id})")
 
 
@@ -107,7 +173,8 @@ def _from_nibabel(image: Any, where: str) -> tuple[np.ndarray, ImageGeometry]:
     ras_to_lps = np.diag([-1.0, -1.0, 1.0])
     matrix = ras_to_lps @ affine[:3, :3]
     spacing = np.linalg.norm(matrix, axis=0)
-    spacing[spacing == 0] = 1.0
+    if not np.isfinite(matrix).all() or (spacing == 0).any():
+        raise InputError(f"{where}: its affine {affine[:3, :3].tolist()} has a zero or non-finite axis")
     direction = matrix / spacing
     origin = ras_to_lps @ affine[:3, 3]
     geometry = ImageGeometry(
@@ -183,6 +250,7 @@ def load_input(
         )
     if array.size == 0:
         raise InputError(f"{where}: the image is empty (shape {array.shape})")
+    check_direction(geometry.direction, where)
     if not np.isfinite(array).all():
         raise InputError(f"{where}: contains non-finite voxel values (NaN or inf)")
     return LoadedImage(array, geometry, name)

@@ -94,12 +94,17 @@ class ClassLabel:
 
 @dataclass(frozen=True)
 class PackageFile:
-    """A network file of the package, with the checksum recorded when it was written."""
+    """A network file of the package, with the checksum recorded when it was written.
+
+    ``external`` holds the files an ONNX graph keeps its weights in (ONNX external data), each hashed
+    too: a package is trusted only as a whole.
+    """
 
     role: str
     path: Path
-    sha256: str | None
+    sha256: str
     info: dict[str, Any] = field(default_factory=dict)
+    external: dict[Path, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -165,16 +170,31 @@ class ModelPackage:
         if role not in self.files:
             raise ModelPackageError(f"{self.root / MODEL_JSON}: the package has no {role} file")
         entry = self.files[role]
-        if not entry.path.is_file():
-            raise ModelPackageError(
-                f"{self.root / MODEL_JSON}: lists {entry.path.name} as its {role} file but it is missing"
-            )
-        if verify and entry.sha256 and sha256_of(entry.path) != entry.sha256:
-            raise ModelPackageError(
-                f"{entry.path}: does not match the SHA-256 recorded in {MODEL_JSON} "
-                "(the file was replaced or corrupted; re-export the package)"
-            )
+        for path, expected in ((entry.path, entry.sha256), *entry.external.items()):
+            if not path.is_file():
+                raise ModelPackageError(
+                    f"{self.root / MODEL_JSON}: lists {path.name} (part of its {role} file) but it is missing"
+                )
+            if verify and sha256_of(path) != expected:
+                raise _mismatch(path)
         return entry.path
+
+    def read_verified(self, role: str) -> bytes:
+        """The bytes of the file with this role, checked against its SHA-256 (and its external data
+        files): what is checked is exactly what is loaded, with no window to swap the file in between."""
+        path = self.path_of(role, verify=False)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.files[role].sha256:
+            raise _mismatch(path)
+        self.path_of(role)  # the external data files
+        return data
+
+
+def _mismatch(path: Path) -> ModelPackageError:
+    return ModelPackageError(
+        f"{path}: does not match the SHA-256 recorded in {MODEL_JSON} "
+        "(the file was replaced or corrupted; re-export the package)"
+    )
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -226,6 +246,47 @@ def build_model_json(
 
 def _fail(where: Path, message: str) -> ModelPackageError:
     return ModelPackageError(f"{where}: {message}")
+
+
+MAX_PATCH_SIDE = 4096  # a larger network input is a typo or tampering, not a model (4096² fp32 = 64 MiB)
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _package_path(where: Path, root: Path, key: str, name: Any) -> Path:
+    """A file named by model.json: relative, inside the package, and present."""
+    if not isinstance(name, str) or not name:
+        raise _fail(where, f"{key} must be a file name inside the package, got {name!r}")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise _fail(where, f"{key} must be a name inside the package, got {name!r}")
+    path = root / relative
+    if not path.is_file():
+        raise _fail(where, f"{key} names {name} but {path} is missing")
+    return path
+
+
+def _check_number(where: Path, key: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _fail(where, f"{key} must be a number from {low} to {high}, got {value!r}")
+    return float(value)
+
+
+def _check_normalization(where: Path, normalization: Any) -> None:
+    if not isinstance(normalization, dict) or normalization.get("scheme") not in NORMALIZATION_SCHEMES:
+        raise _fail(
+            where, f"normalization.scheme must be one of {list(NORMALIZATION_SCHEMES)}, got {normalization!r}"
+        )
+    if normalization["scheme"] == "percentile":
+        lower = _check_number(where, "normalization.lower", normalization.get("lower", 0.5), 0, 100)
+        upper = _check_number(where, "normalization.upper", normalization.get("upper", 99.5), 0, 100)
+        if lower >= upper:
+            raise _fail(where, f"normalization.lower ({lower}) must be below normalization.upper ({upper})")
+    unknown = set(normalization) - {"scheme", "lower", "upper"}
+    if unknown:
+        raise _fail(where, f"normalization holds unknown key(s) {sorted(unknown)}")
 
 
 def _class_values(where: Path, key: str, spec: Any, classes: tuple[ClassLabel, ...]) -> tuple[int, ...]:
@@ -288,13 +349,14 @@ def parse_model_json(data: Any, root: Path) -> ModelPackage:
         raise _fail(where, f"class names must be unique, got {names}")
 
     normalization = data["normalization"]
-    if not isinstance(normalization, dict) or normalization.get("scheme") not in NORMALIZATION_SCHEMES:
-        raise _fail(
-            where, f"normalization.scheme must be one of {list(NORMALIZATION_SCHEMES)}, got {normalization!r}"
-        )
+    _check_normalization(where, normalization)
     patch = data["patch_size"]
-    if not (isinstance(patch, list) and len(patch) == 2 and all(isinstance(v, int) and v > 0 for v in patch)):
-        raise _fail(where, f"patch_size must be two positive integers, got {patch!r}")
+    if not (
+        isinstance(patch, list)
+        and len(patch) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_PATCH_SIDE for v in patch)
+    ):
+        raise _fail(where, f"patch_size must be two integers from 1 to {MAX_PATCH_SIDE}, got {patch!r}")
     in_channels = data.get("in_channels", 1)
     if in_channels != 1:
         raise _fail(where, f"in_channels {in_channels!r} is not supported (single-channel images only)")
@@ -321,16 +383,23 @@ def parse_model_json(data: Any, root: Path) -> ModelPackage:
     for role, entry in raw_files.items():
         if role not in FILE_ROLES:
             raise _fail(where, f"unknown file role {role!r}; expected one of {list(FILE_ROLES)}")
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise _fail(where, f"files.{role} must be an object with a 'path'")
-        relative = Path(entry["path"])
-        if relative.is_absolute() or ".." in relative.parts:
-            raise _fail(where, f"files.{role}.path must be a name inside the package, got {entry['path']!r}")
-        path = root / relative
-        if not path.is_file():
-            raise _fail(where, f"lists {entry['path']} as its {role} file but {path} is missing")
-        info = {key: value for key, value in entry.items() if key not in ("path", "sha256")}
-        files[role] = PackageFile(role, path, entry.get("sha256"), info)
+        if not isinstance(entry, dict):
+            raise _fail(where, f"files.{role} must be an object with a 'path' and a 'sha256'")
+        path = _package_path(where, root, f"files.{role}.path", entry.get("path"))
+        if not _is_sha256(entry.get("sha256")):
+            raise _fail(
+                where,
+                f"files.{role}.sha256 must be the file's SHA-256 (64 hex digits); every file is checked",
+            )
+        raw_external = entry.get("external_data", {})
+        if not isinstance(raw_external, dict) or not all(_is_sha256(v) for v in raw_external.values()):
+            raise _fail(where, f"files.{role}.external_data must map file names to their SHA-256")
+        external = {
+            _package_path(where, root, f"files.{role}.external_data", name): digest
+            for name, digest in raw_external.items()
+        }
+        info = {key: value for key, value in entry.items() if key not in ("path", "sha256", "external_data")}
+        files[role] = PackageFile(role, path, entry["sha256"], info, external)
     if not ({"onnx", "torch"} & set(files)):
         raise _fail(where, "the package holds no onnx or torch network file")
     if ({"onnx_int8", "onnx_fp16"} & set(files)) and "onnx" not in files:

@@ -91,6 +91,18 @@ def output_paths(
     return paths
 
 
+def refuse_input_as_output(source: Any, paths: Iterable[Path]) -> None:
+    """An output may never replace the scan it is computed from, whatever ``overwrite`` says."""
+    if not isinstance(source, str | os.PathLike):
+        return
+    source_path = Path(source).resolve()
+    for path in paths:
+        if Path(path).resolve() == source_path or (
+            path.exists() and source_path.exists() and os.path.samefile(path, source_path)
+        ):
+            raise InputError(f"{path}: is the input scan itself; choose another output name")
+
+
 def refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
     if overwrite:
         return
@@ -160,16 +172,16 @@ class SegmentationResult:
 
     def _write(self, key: str, path: Path) -> None:
         if key == "probabilities":
-            write_vector_image(self.probabilities, self.geometry, path)
+            write_vector_image(self.probabilities, self.geometry, path, atomic=False)
         elif key == "uncertainty":
-            write_image(self.uncertainty, self.geometry, path)
+            write_image(self.uncertainty, self.geometry, path, atomic=False)
         elif str(path).lower().endswith(".seg.nrrd"):
             segments = [
                 (label.name, label.value, label.color) for label in self.labels.values() if label.value
             ]
-            write_segmentation_nrrd(self.label_map, self.geometry, segments, path)
+            write_segmentation_nrrd(self.label_map, self.geometry, segments, path, atomic=False)
         else:
-            write_image(self.label_map, self.geometry, path)
+            write_image(self.label_map, self.geometry, path, atomic=False)
 
 
 class _Progress:
@@ -498,6 +510,7 @@ class Segmenter:
         Existing outputs are refused before any work unless ``overwrite``.
         """
         paths = output_paths(segmentation, probabilities, uncertainty)
+        refuse_input_as_output(source, paths.values())
         refuse_existing(paths.values(), overwrite)
         report = _Progress(progress_callback)
         result = self._segment(

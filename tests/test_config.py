@@ -69,5 +69,5 @@ def test_load_config_errors_name_the_file(tmp_path):
 def test_overrides_apply_dotted_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path)))
-    config = load_config(path, {"train.iterations": 42, "data.root": "/x"})
-    assert config.train.iterations == 42 and config.data.root == "/x"
+    config = load_config(path, {"train.iterations": 42, "model.channels": [8, 16, 32, 64, 128]})
+    assert config.train.iterations == 42 and config.model.channels == [8, 16, 32, 64, 128]

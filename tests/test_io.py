@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from mpcl.errors import InputError
+from mpcl.errors import InputError, OutputError
 from mpcl.io import ImageGeometry, atomic_output, read_image, write_atomically, write_image
 
 
@@ -170,7 +170,7 @@ def test_write_image_failure_keeps_old_image(tmp_path, monkeypatch):
         raise RuntimeError("simulated writer crash")
 
     monkeypatch.setattr(sitk, "WriteImage", broken_write)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(OutputError, match="case.nii.gz: cannot be written .*simulated"):
         write_image(np.zeros_like(old), GEOMETRY, target)
     monkeypatch.undo()
     np.testing.assert_array_equal(read_image(target)[0], old)

@@ -124,6 +124,14 @@ def test_replaced_file_fails_its_checksum(package_copy):
         Segmenter.from_pretrained(package_copy, backend="onnxruntime")
 
 
+def _rehash(package, role: str) -> None:
+    """Record the current file's SHA-256, as a package consistently built around a wrong network has."""
+    _edit_json(
+        package,
+        lambda data: data["files"][role].update(sha256=sha256_of(package / data["files"][role]["path"])),
+    )
+
+
 def test_onnx_with_wrong_class_count_is_refused(package_copy, tmp_path):
     """An ONNX file from another model (3 classes) under a 4-class model.json: a mismatched file."""
     from mpcl.export.pipeline import write_model_package
@@ -132,11 +140,11 @@ def test_onnx_with_wrong_class_count_is_refused(package_copy, tmp_path):
         make_checkpoint(tmp_path / "three.pt", class_names=["bg", "a", "b"]), tmp_path / "three"
     )
     shutil.copy(tmp_path / "three" / "model.onnx", package_copy / "model.onnx")
-    _edit_json(package_copy, lambda data: data["files"]["onnx"].pop("sha256"))
+    _rehash(package_copy, "onnx")
     with pytest.raises(ModelPackageError, match=r"output shape .* does not match model.json"):
         Segmenter.from_pretrained(package_copy, backend="onnxruntime")
     shutil.copy(tmp_path / "three" / "model.pt", package_copy / "model.pt")
-    _edit_json(package_copy, lambda data: data["files"]["torch"].pop("sha256"))
+    _rehash(package_copy, "torch")
     with pytest.raises(ModelPackageError, match="do not match model.json"):
         Segmenter.from_pretrained(package_copy, backend="torch")
 

@@ -14,7 +14,7 @@ from mpcl import Segmenter
 from mpcl.backends import openvino_backend
 from mpcl.backends.openvino_backend import BF16_RECORD, openvino_precision
 from mpcl.errors import InputError, ModelPackageError
-from mpcl.model_package import MODEL_JSON, load_model_package
+from mpcl.model_package import MODEL_JSON, load_model_package, sha256_of
 
 
 def _with_onnx_info(folder, **info):
@@ -73,15 +73,15 @@ def test_fp32_logits_match_onnxruntime(package_dir):
 
 
 def test_a_corrupt_onnx_file_gets_one_sentence_naming_it(package_copy, capfd):
-    """A package without checksums (hand-made) whose ONNX file is not ONNX: the error names the file and
+    """A hand-made package whose ONNX file (checksum recorded) is not ONNX: the error names the file and
     says it cannot be parsed, and no other framework's parser prints to the terminal on the way."""
     pytest.importorskip("openvino", reason="the optional extra mpcl[openvino] is not installed")
+    onnx_path = load_model_package(package_copy).path_of("onnx")
+    onnx_path.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     data = json.loads((package_copy / MODEL_JSON).read_text())
-    data["files"]["onnx"].pop("sha256", None)
+    data["files"]["onnx"]["sha256"] = sha256_of(onnx_path)
     (package_copy / MODEL_JSON).write_text(json.dumps(data))
     package = load_model_package(package_copy)
-    onnx_path = package.path_of("onnx")
-    onnx_path.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     capfd.readouterr()
     with pytest.raises(ModelPackageError) as info:
         openvino_backend.OpenVinoBackend(package, "cpu", 1, "fp32")

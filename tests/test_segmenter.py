@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from mpcl import Segmenter
-from mpcl.errors import Cancelled, InputError
+from mpcl.errors import Cancelled, InputError, OutputError
 from mpcl.io import ImageGeometry, write_image
 from mpcl.model_package import Postprocessing
 from mpcl.postprocessing import fill_holes_in_slices, keep_largest_component, normalized_entropy
@@ -286,7 +286,7 @@ def test_existing_output_is_refused_and_writes_are_atomic(segmenter, tmp_path, s
         raise OSError("disk full")
 
     monkeypatch.setattr(mpcl.segmenter, "write_image", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"cannot be written \(disk full\); nothing was left"):
         result.save_all(tmp_path / "out" / "b.nii.gz", probabilities=True, uncertainty=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg.nii.gz"]
     with pytest.raises(InputError, match="unsupported output format"):

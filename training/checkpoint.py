@@ -6,6 +6,7 @@ objects; anything that is not an MPCL checkpoint of a known format version is re
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,16 @@ def build_metadata(config: dict, class_names: list[str], normalization: dict, me
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write a checkpoint atomically (a crash mid-save never corrupts the previous one)."""
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state}
-    return write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    return write_atomically(path, lambda temporary: _torch_save(payload, temporary))
+
+
+def _torch_save(payload: dict[str, Any], path: Path) -> None:
+    """torch.save, whose zip writer reports a full disk as a RuntimeError ('iostream error'): made an
+    OSError so the atomic write names the checkpoint and removes the temporary."""
+    try:
+        torch.save(payload, path)
+    except RuntimeError:
+        raise OSError(errno.EIO, "the checkpoint was not written completely; is the disk full?") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

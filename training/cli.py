@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from mpcl.errors import MPCLError
+from mpcl.io import check_writable_file, check_writable_folder, write_failure_reason
 
 
 def _friendly_errors(function):
@@ -25,6 +26,12 @@ def _friendly_errors(function):
             return function(*args, **kwargs)
         except MPCLError as error:
             click.echo(f"Error: {error}", err=True)
+            sys.exit(2)
+        except OSError as error:
+            reason = write_failure_reason(error)
+            if reason is None or error.filename is None:
+                raise  # not the disk or permissions: a bug, keep the traceback
+            click.echo(f"Error: {error.filename}: cannot be written ({reason})", err=True)
             sys.exit(2)
 
     return wrapper
@@ -80,7 +87,7 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
             raise click.UsageError(
                 "with --resume and no --config the checkpoint's own config is used; overrides are not allowed"
             )
-    out = Path(config.output_dir)
+    out = check_writable_folder(config.output_dir)
     _setup_logging(out / "train.log")
     log = logging.getLogger("mpcl.train")
     log.info(
@@ -179,6 +186,11 @@ def eval_main(
         raise click.UsageError("--model needs --config, the experiment YAML whose data to evaluate on")
     if checkpoint is not None and config_path is not None:
         raise click.UsageError("--config goes with --model; a checkpoint carries its own config")
+    if output is not None:
+        check_writable_file(output)
+    for folder in (save_predictions, save_images):
+        if folder is not None:
+            check_writable_folder(folder)
     _setup_logging()
     state = None
     if checkpoint is not None:

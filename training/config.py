@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -203,6 +204,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -256,10 +259,27 @@ def _check_ranges(config: ExperimentConfig) -> None:
             "data.root is required for data.kind: nifti_folder",
         ),
         (
+            config.data.kind != "phantom" or config.data.root is None,
+            "data.root is set but data.kind is phantom, which makes its own data and would ignore it; "
+            "set data.kind to acdc or nifti_folder",
+        ),
+        (
             config.data.labeled_patients is None or config.data.labeled_patients in ACDC_PATIENTS_TO_SLICES,
             f"data.labeled_patients must be one of {sorted(ACDC_PATIENTS_TO_SLICES)}",
         ),
         (0.0 <= config.augment.rot90_flip_prob <= 1.0, "augment.rot90_flip_prob must be in [0, 1]"),
+        (all(width > 0 for width in config.model.channels), "model.channels must all be > 0"),
+        (
+            all(0.0 <= rate < 1.0 for rate in (*config.model.dropout, config.model.decoder_dropout)),
+            "model.dropout and model.decoder_dropout must be in [0, 1) (1 drops every feature)",
+        ),
+        (0.0 <= config.train.momentum < 1.0, "train.momentum must be in [0, 1)"),
+        (config.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (config.train.poly_power >= 0, "train.poly_power must be >= 0"),
+        (
+            config.train.num_threads is None or config.train.num_threads > 0,
+            "train.num_threads must be > 0 (or left out: all cores)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -295,7 +315,12 @@ def read_yaml(path: str | Path, kind: str = "config") -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: {kind} file does not exist")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "save it as UTF-8"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

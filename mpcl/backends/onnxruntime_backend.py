@@ -68,14 +68,23 @@ class OnnxRuntimeBackend:
 
         self.role = onnx_role(package, device, precision)
         self.precision = next(name for name, role in ONNX_ROLES.items() if role == self.role)
-        path = package.path_of(self.role)
+        path = package.path_of(self.role, verify=False)
+        model_bytes = package.read_verified(self.role)
         options = session_options(threads)
+        # Loaded from the verified bytes: external weights resolve only inside the package, and only
+        # when model.json lists (and hashes) them; an unlisted reference then fails to load.
+        external_folder = path.parent
+        if not package.files[self.role].external:
+            external_folder = path.parent / ".no-external-data"  # never created: nothing resolves
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_folder)
+        )
         providers: list = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             index = int(device.split(":")[1]) if ":" in device else 0
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+            self.session = onnxruntime.InferenceSession(model_bytes, options, providers=providers)
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelPackageError(f"{path}: cannot be loaded by onnxruntime ({first[:200]})") from None

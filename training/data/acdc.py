@@ -23,7 +23,11 @@ ACDC_CLASS_NAMES = ["background", "RV", "myocardium", "LV"]
 def read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"{path}: list file does not exist (is data.root the ACDC folder?)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: list file is not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def read_h5_case(

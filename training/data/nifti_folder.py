@@ -48,8 +48,8 @@ def class_names_from_dataset_json(root: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        labels = json.loads(path.read_text()).get("labels", {})
-    except json.JSONDecodeError as error:
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels", {})
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: not valid JSON ({error})") from None
     pairs = {}
     for key, value in labels.items():
