@@ -257,7 +257,8 @@ def test_input_written_for_the_child_matches_slicers_own_nrrd_writer(scene, segm
         np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), array)
         for getter in ("GetSpacing", "GetOrigin", "GetDirection"):
             np.testing.assert_allclose(getattr(ours, getter)(), getattr(slicers, getter)(), atol=1e-6)
-        assert job.command[1:3] == ["-m", "mpcl.cli_segment"] and str(job.input_path) in job.command
+        assert job.command[1] == "-c" and job.command[3] == "mpcl.cli_segment"  # through the bootstrap
+        assert str(job.input_path) in job.command
     finally:
         segmenter.discard(job)
     assert not job.work_dir.exists()
@@ -284,3 +285,140 @@ def test_fill_segmentation_edge_cases(scene):
     ids = fill_segmentation(scene, node, np.zeros_like(truth), ijk_to_ras, specs, logic)  # nothing found
     assert [row[1] for row in segment_table(node)] == ["a", "c"]
     assert all(not _segment_voxels(node, segment_id)[0].any() for segment_id in ids)
+
+
+RV_ENTRY = (
+    "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure"
+    "~SCT^53085002^Right ventricle~^^~Anatomic codes - DICOM master list~^^~^^"
+)
+
+
+def test_segments_carry_snomed_terminology_that_slicer_reads(scene, segmenter, tmp_path):
+    array, ijk_to_ras, _ = testdata.sample_volume()
+    volume = add_volume_node(scene, array, ijk_to_ras, "sample")
+    output = segmenter.segment(volume, testdata.default_test_model(), CPU, show_3d=False)
+    segmentation = output.segmentation_node.GetSegmentation()
+    expected = {  # the test model's class names -> Slicer's DICOM master list codes
+        "left ventricle": ("87878005", "Left ventricle"),
+        "myocardium": ("74281007", "Myocardium"),
+        "right ventricle": ("53085002", "Right ventricle"),
+    }
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    for name, (code, meaning) in expected.items():
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert terminologies.DeserializeTerminologyEntry(segment.GetTerminology(), entry)
+        assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
+        category, kind = entry.GetCategoryObject(), entry.GetTypeObject()
+        assert (category.GetCodingSchemeDesignator(), category.GetCodeValue()) == ("SCT", "123037004")
+        assert (kind.GetCodingSchemeDesignator(), kind.GetCodeValue(), kind.GetCodeMeaning()) == (
+            "SCT",
+            code,
+            meaning,
+        )
+        assert segment.GetName() == name  # the class name stays the segment's name
+
+    path = write_segmentation_file(scene, output.segmentation_node, tmp_path / "sample.seg.nrrd")
+    written = {s["name"]: s["terminology"] for s in slicerio.read_segmentation(str(path))["segments"]}
+    assert {name: tuple(t["type"]) for name, t in written.items()} == {
+        name: ("SCT", code, meaning) for name, (code, meaning) in expected.items()
+    }
+
+
+def test_model_json_terminology_and_unknown_class_names(scene, segmenter, tmp_path):
+    import json
+    import shutil
+
+    package = tmp_path / "model"
+    shutil.copytree(testdata.default_test_model(), package)
+    model_json = json.loads((package / "model.json").read_text())
+    model_json["classes"][1]["name"] = "blood pool"  # unknown name, no terminology: generic
+    model_json["classes"][3]["terminology"] = RV_ENTRY.replace("Right ventricle", "Right ventricle (RV)")
+    (package / "model.json").write_text(json.dumps(model_json))
+    array, ijk_to_ras, _ = testdata.sample_volume()
+    volume = add_volume_node(scene, array, ijk_to_ras, "sample")
+    output = segmenter.segment(volume, package, CPU, show_3d=False)
+    segmentation = output.segmentation_node.GetSegmentation()
+    terminology = {
+        segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegment(i).GetTerminology()
+        for i in range(segmentation.GetNumberOfSegments())
+    }
+    assert "~SCT^91723000^Anatomical structure~" in terminology["blood pool"]
+    assert "~SCT^74281007^Myocardium~" in terminology["myocardium"]
+    assert terminology["right ventricle"] == RV_ENTRY.replace("Right ventricle", "Right ventricle (RV)")
+
+    model_json["classes"][3]["terminology"] = "SCT^53085002^Right ventricle"  # a code, not an entry
+    (package / "model.json").write_text(json.dumps(model_json))
+    with pytest.raises(SegmentationError, match="model.json.*terminology entry"):
+        segmenter.segment(volume, package, CPU)
+
+
+def test_new_nodes_are_placed_under_the_volumes_study(scene, segmenter):
+    subject_hierarchy_logic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+    subject_hierarchy_logic.SetMRMLScene(scene)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient 1")
+    study = hierarchy.CreateStudyItem(patient, "Cardiac MRI")
+    other_study = hierarchy.CreateStudyItem(patient, "Follow-up")
+    array, ijk_to_ras, _ = testdata.sample_volume()
+    volume = add_volume_node(scene, array, ijk_to_ras, "sample")
+    hierarchy.CreateItem(study, volume)
+
+    output = segmenter.segment(
+        volume, testdata.default_test_model(), SegmentOptions(device="cpu", uncertainty=True), show_3d=False
+    )
+    for node in (output.segmentation_node, output.uncertainty_node):
+        item = hierarchy.GetItemByDataNode(node)
+        assert item and hierarchy.GetItemParent(item) == study, node.GetName()
+
+    # a segmentation the user chose to refill stays where the user keeps it
+    chosen = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen")
+    hierarchy.CreateItem(other_study, chosen)
+    segmenter.segment(volume, testdata.default_test_model(), CPU, chosen, show_3d=False)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(chosen)) == other_study  # left alone
+
+    # a volume outside the subject hierarchy (slicer-core adds no item by itself): nothing fails
+    loose = add_volume_node(scene, array, ijk_to_ras, "loose")
+    assert not hierarchy.GetItemByDataNode(loose)
+    output = segmenter.segment(loose, testdata.default_test_model(), CPU, show_3d=False)
+    assert output.outcome.ok and not hierarchy.GetItemByDataNode(output.segmentation_node)
+
+
+def test_label_values_above_255_do_not_wrap(scene):
+    from MPCLSegmentationLib.nodes import SegmentSpec, fill_segmentation, segmentations_logic_for
+
+    logic = segmentations_logic_for(scene)
+    _, ijk_to_ras, truth = testdata.sample_volume()
+    labels = np.select([truth == 1, truth == 2, truth == 3], [1, 256, 300], 0).astype(np.int32)
+    specs = [SegmentSpec(1, "one", (255, 0, 0)), SegmentSpec(256, "big", (0, 255, 0))]
+    specs.append(SegmentSpec(300, "bigger", (0, 0, 255), RV_ENTRY))
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    ids = fill_segmentation(scene, node, labels, ijk_to_ras, specs, logic)
+    assert [row[3] for row in segment_table(node)] == [1, 256, 300]
+    for segment_id, value in zip(ids, (1, 256, 300), strict=True):  # uint8 would make 256 -> 0, 300 -> 44
+        voxels, _, _ = _segment_voxels(node, segment_id)
+        np.testing.assert_array_equal(voxels > 0, labels == value)
+        assert (voxels > 0).any()
+    assert node.GetSegmentation().GetSegment(ids[2]).GetTerminology() == RV_ENTRY
+    with pytest.raises(ValueError, match="negative"):
+        fill_segmentation(scene, node, labels - 1, ijk_to_ras, specs, logic)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+def test_work_folder_outlives_a_child_that_is_still_running(scene, segmenter, monkeypatch):
+    import subprocess
+
+    from MPCLSegmentationLib import logic as logic_module
+
+    array, ijk_to_ras, _ = testdata.sample_volume()
+    volume = add_volume_node(scene, array, ijk_to_ras, "sample")
+    job = segmenter.prepare(volume, testdata.default_test_model(), CPU)
+    # a child (own process group, as the bootstrap makes it) that is still writing into the folder
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"], start_new_session=True)
+    job.monitor.child_pid = child.pid
+    monkeypatch.setattr(logic_module, "KILL_WAIT_SECONDS", 0.1)
+    assert segmenter.discard(job) is False and job.work_dir.is_dir()  # left in place, not pulled away
+    monkeypatch.setattr(logic_module, "KILL_WAIT_SECONDS", 30.0)
+    threading.Thread(target=child.wait, daemon=True).start()  # reap it, as its parent would
+    assert segmenter.discard(job) is True and not job.work_dir.exists()  # removed once it is gone
+    assert child.poll() is not None

@@ -143,14 +143,26 @@ def test_extension_cmake_and_index_entry_agree():
         "EXTENSION_CONTRIBUTORS",
         "EXTENSION_DESCRIPTION",
         "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
     ):
         assert _cmake_set(text, name), f"{name} is empty"
     assert _cmake_set(text, "EXTENSION_CATEGORY") == "Segmentation"
     assert _cmake_set(text, "EXTENSION_DEPENDS") == "NA"
     repository = _cmake_set(text, "MPCL_REPOSITORY_URL")
-    icon = _cmake_set(text, "EXTENSION_ICONURL").replace("${MPCL_REPOSITORY_URL}", repository)
-    icon_path = icon.split("/raw/main/", 1)[1]
+    icon = _cmake_set(text, "EXTENSION_ICONURL")  # a literal raw-file address: the index reads it as text
+    raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert icon.startswith(raw), f"EXTENSION_ICONURL {icon} is not a raw file of {repository}"
+    icon_path = icon.removeprefix(raw)
     assert (EXTENSION.parents[1] / icon_path).is_file(), f"EXTENSION_ICONURL points at a missing {icon_path}"
+    root = (EXTENSION.parents[1] / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "add_subdirectory(plugins/slicer/MPCLSegmentation)" in root  # the index builds the root
+    for name in (
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_CATEGORY",
+    ):
+        assert _cmake_set(root, name) == _cmake_set(text, name), f"{name} differs from the root's"
 
     entry_path = EXTENSION / "MPCL.json"  # named after the extension (the CMake project)
     entry = json.loads(entry_path.read_text(encoding="utf-8"))

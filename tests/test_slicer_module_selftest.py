@@ -105,6 +105,9 @@ class _QProcess:
     def kill(self) -> None:
         self.process.kill()
 
+    def processId(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
 
 class _QProcessEnvironment:
     def __init__(self) -> None:
@@ -168,7 +171,22 @@ def module(monkeypatch, tmp_path):
 
 
 def test_module_self_test_passes(module):
-    module.MPCLSegmentationTest().runTest()
+    test = module.MPCLSegmentationTest()
+    test.runTest()
+    assert test.skipped == []  # the runtime is installed here: everything ran
+
+
+def test_module_self_test_skips_without_the_runtime(module, monkeypatch, caplog):
+    """On the Extensions build servers the runtime is absent: the tests needing it skip, not fail."""
+    monkeypatch.setattr(module, "runtime_version", lambda: None)
+    ran = []
+    monkeypatch.setattr(module.MPCLSegmentationLogic, "process", lambda *args, **kwargs: ran.append(args))
+    test = module.MPCLSegmentationTest()
+    with caplog.at_level("WARNING"):
+        test.runTest()
+    assert test.skipped == ["test_SegmentSampleVolume", "test_InvalidModelIsReported"]
+    assert ran == []  # nothing tried to segment
+    assert "mpcl runtime is not installed" in caplog.text
 
 
 def _job(module, volume):
@@ -182,12 +200,18 @@ def test_qprocess_runner_feeds_the_shared_parser_and_cancels(module):
     logic = module.MPCLSegmentationLogic()
 
     job = _job(module, volume)
-    progress, outcomes = [], []
-    run = module.QProcessSegmentation(job, progress.append, lambda job, outcome: outcomes.append(outcome))
+    progress, outcomes, lines = [], [], []
+    run = module.QProcessSegmentation(
+        job, progress.append, lambda job, outcome: outcomes.append(outcome), lines.append
+    )
     run.start()
     run.process.pump()
-    assert [step.fraction for step in progress] == [0.02, 0.2, 1.0]
+    assert [step.fraction for step in progress] == [0.02, 0.05, 0.2, 1.0]
     assert len(outcomes) == 1 and outcomes[0].ok and outcomes[0].device == "cpu"
+    assert job.monitor.child_pid == run.process.processId()  # no launcher here: the child itself
+    assert any("backend:" in line and "on cpu" in line for line in lines)  # the user's log
+    assert any(line.startswith("[1/1] done") for line in lines)
+    assert not any(line.startswith("@mpcl") for line in lines)
     output = logic.finish(job, outcomes[0])
     assert output.voxel_counts == {
         name: int((truth == value).sum()) for value, name in enumerate(testdata.CLASS_NAMES) if value
@@ -200,6 +224,7 @@ def test_qprocess_runner_feeds_the_shared_parser_and_cancels(module):
     run.process.on_line = run.cancel  # the user presses Cancel once the child has printed something
     run.process.pump()
     assert len(outcomes) == 1 and outcomes[0].cancelled and not outcomes[0].ok
+    assert run.process.process.returncode != 0  # stopped, not finished
     with pytest.raises(module.SegmentationError) as raised:
         logic.finish(job, outcomes[0])
     assert raised.value.cancelled and not job.work_dir.exists()

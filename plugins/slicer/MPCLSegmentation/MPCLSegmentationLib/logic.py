@@ -34,13 +34,24 @@ from .nodes import (
     SegmentSpec,
     add_volume_node,
     fill_segmentation,
+    place_beside,
     segment_specs,
     segmentations_logic_for,
     show_segmentation,
     show_uncertainty,
     volume_array,
 )
-from .process import OutputMonitor, Progress, RunOutcome, SegmentOptions, run_blocking, segment_command
+from .process import (
+    KILL_WAIT_SECONDS,
+    OutputMonitor,
+    Progress,
+    RunOutcome,
+    SegmentOptions,
+    run_blocking,
+    segment_command,
+    wait_until_gone,
+)
+from .terminology import declared_by_class
 
 MODEL_ATTRIBUTE, BACKEND_ATTRIBUTE, DEVICE_ATTRIBUTE = "MPCL.Model", "MPCL.Backend", "MPCL.Device"
 
@@ -119,7 +130,7 @@ class SceneSegmenter:
         try:
             from mpcl.errors import MPCLError
             from mpcl.io import ImageGeometry, write_image
-            from mpcl.model_package import load_model_package
+            from mpcl.model_package import load_model_package, read_model_json
             from mpcl.segmenter import output_paths
         except ImportError as error:
             raise _runtime_missing(error) from None
@@ -127,8 +138,13 @@ class SceneSegmenter:
             raise SegmentationError("Select an input volume first.")
         try:
             package = load_model_package(model)
+            declared = declared_by_class(read_model_json(package.root))
         except MPCLError as error:
             raise SegmentationError(str(error)) from None
+        try:
+            specs = segment_specs(package.classes, declared)
+        except ValueError as error:
+            raise SegmentationError(f"{package.root / 'model.json'}: {error}") from None
         try:
             array, ijk_to_ras = volume_array(volume_node)
             spacing, origin, direction = lps_from_ijk_to_ras(ijk_to_ras)
@@ -152,12 +168,13 @@ class SceneSegmenter:
             shape=tuple(int(n) for n in array.shape),
             model=package.root,
             options=options,
-            specs=segment_specs(package.classes),
+            specs=specs,
             work_dir=work_dir,
             input_path=input_path,
             output_path=outputs["segmentation"],
             uncertainty_path=outputs.get("uncertainty"),
             command=command,
+            monitor=OutputMonitor(requested_device=options.device),
         )
 
     # -- 2. the child, blocking ------------------------------------------------------------------
@@ -166,9 +183,12 @@ class SceneSegmenter:
         job: SegmentationJob,
         on_progress: Callable[[Progress], None] | None = None,
         cancel_event: threading.Event | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> RunOutcome:
-        """Run ``mpcl-segment`` for ``job`` and wait for it (the widget uses a QProcess instead)."""
-        return run_blocking(job.command, job.monitor, on_progress, cancel_event)
+        """Run ``mpcl-segment`` for ``job`` and wait for it (the widget uses a QProcess instead).
+
+        ``on_line`` receives each line the child prints for the user (the log)."""
+        return run_blocking(job.command, job.monitor, on_progress, cancel_event, on_line=on_line)
 
     # -- 3. output --------------------------------------------------------------------------------
     def finish(
@@ -193,6 +213,7 @@ class SceneSegmenter:
                     "vtkMRMLSegmentationNode", f"{job.volume_node.GetName()} MPCL segmentation"
                 )
                 added.append(segmentation_node)
+                place_beside(job.volume_node, segmentation_node)  # under the volume's study
             segmentation_node.SetAndObserveTransformNodeID(job.volume_node.GetTransformNodeID())
             fill_segmentation(
                 self.scene,
@@ -214,6 +235,7 @@ class SceneSegmenter:
                     self.scene, uncertainty, job.ijk_to_ras, f"{job.volume_node.GetName()} MPCL uncertainty"
                 )
                 added.append(uncertainty_node)
+                place_beside(job.volume_node, uncertainty_node)
                 uncertainty_node.SetAndObserveTransformNodeID(job.volume_node.GetTransformNodeID())
                 show_uncertainty(uncertainty_node)
             counts = {spec.name: int(np.count_nonzero(labels == spec.value)) for spec in job.specs}
@@ -228,9 +250,17 @@ class SceneSegmenter:
         finally:
             self.discard(job)
 
-    def discard(self, job: SegmentationJob) -> None:
-        """Remove the job's work folder (input copy and outputs)."""
+    def discard(self, job: SegmentationJob) -> bool:
+        """Remove the job's work folder (input copy and outputs) once the child is gone.
+
+        A child still running (its process group announced by the ``@mpcl pid`` line) would be writing
+        into the folder: it is waited for, and if it does not go the folder is left in place (False).
+        """
+        pid = job.monitor.child_pid
+        if pid and not wait_until_gone((), (pid,), KILL_WAIT_SECONDS):
+            return False
         shutil.rmtree(job.work_dir, ignore_errors=True)
+        return True
 
     def _read_on_grid(self, job: SegmentationJob, path: Path) -> np.ndarray:
         """A (k, j, i) array from a file the child wrote, refused unless it lies on the volume's grid."""
@@ -258,11 +288,12 @@ class SceneSegmenter:
         show_3d: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
         cancel_event: threading.Event | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> SegmentationOutput:
         """Prepare, run (blocking) and finish in one call; raises SegmentationError on any failure."""
         job = self.prepare(volume_node, model, options or SegmentOptions())
         try:
-            outcome = self.run(job, on_progress, cancel_event)
+            outcome = self.run(job, on_progress, cancel_event, on_line)
         except BaseException:
             self.discard(job)
             raise
