@@ -79,6 +79,23 @@ from mpcl.training.cli import _friendly_errors
     help="Largest batch of slices in the engine's optimisation profile.",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads for the checks.")
+@click.option(
+    "--largest-component",
+    "largest_component",
+    multiple=True,
+    metavar="CLASS",
+    help="Post-processing the package applies: keep only the largest 3D connected component of CLASS "
+    "(repeat for several classes; 'all': every foreground class; 'none': no class).",
+)
+@click.option(
+    "--fill-holes",
+    "fill_holes",
+    multiple=True,
+    metavar="CLASS",
+    help="Post-processing the package applies: fill enclosed holes of CLASS slice by slice (repeat, "
+    "'all' or 'none' as for --largest-component). Without either option a source package keeps its "
+    "post-processing and a checkpoint gets none; mpcl-segment --no-postprocess skips it at run time.",
+)
 @click.option("--name", default="", help="Package name in model.json (default: the folder name).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model package.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -100,6 +117,8 @@ def export_main(
     trt_precision,
     trt_max_batch,
     threads,
+    largest_component,
+    fill_holes,
     name,
     overwrite,
     no_progress,
@@ -127,6 +146,7 @@ def export_main(
         trt_max_batch=trt_max_batch,
         threads=threads,
         name=name,
+        postprocessing=_postprocessing(largest_component, fill_holes),
         progress=not no_progress,
     )
     report = export_package(
@@ -134,3 +154,24 @@ def export_main(
     )
     if report.refused:
         sys.exit(1)
+
+
+def _postprocessing(largest_component: tuple[str, ...], fill_holes: tuple[str, ...]) -> dict | None:
+    """model.json's ``postprocessing`` from the options; None when neither was given."""
+    if not largest_component and not fill_holes:
+        return None
+    result = {}
+    for key, option, values in (
+        ("largest_component", "--largest-component", largest_component),
+        ("fill_holes", "--fill-holes", fill_holes),
+    ):
+        keywords = {value.lower() for value in values} & {"all", "none"}
+        if keywords and len(values) > 1:
+            raise click.BadParameter(
+                f"'{keywords.pop()}' cannot be combined with other classes", param_hint=option
+            )
+        if keywords:
+            result[key] = keywords.pop() == "all"
+        else:
+            result[key] = list(values)
+    return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from mpcl.model_package import (
 from mpcl.training.checkpoint import load_checkpoint, save_checkpoint
 
 SLIM_KEYS = ("iteration", "student", "metadata", "config")
+POSTPROCESSING_KEYS = ("largest_component", "fill_holes")
 
 
 def load_source(path: str | os.PathLike) -> dict[str, Any]:
@@ -43,6 +44,46 @@ def load_source(path: str | os.PathLike) -> dict[str, Any]:
             raise InputError(f"{path}: the package has no torch weights (model.pt) to export from")
         return load_checkpoint(package.path_of("torch"))
     return load_checkpoint(path)
+
+
+def package_postprocessing(
+    source: str | os.PathLike, requested: Mapping[str, Any] | None, class_names: Sequence[str]
+) -> dict[str, Any] | None:
+    """The ``postprocessing`` entry of the exported model.json.
+
+    ``requested`` (``{"largest_component": true or [class names], "fill_holes": ...}``, a key left out:
+    none) replaces the source's; None keeps what a source package has (a checkpoint has none). Names are
+    checked here, before any work, so a typo is one sentence rather than a failed package.
+    """
+    if requested is None:
+        source = Path(source)
+        if not source.is_dir():
+            return None
+        package = load_model_package(source)
+        names = {label.value: label.name for label in package.classes}
+        settings = package.postprocessing
+        return {
+            "largest_component": [names[value] for value in settings.largest_component],
+            "fill_holes": [names[value] for value in settings.fill_holes],
+        }
+    unknown_keys = sorted(set(requested) - set(POSTPROCESSING_KEYS))
+    if unknown_keys:
+        raise InputError(f"postprocessing keys {unknown_keys} are not known; use {list(POSTPROCESSING_KEYS)}")
+    foreground = list(class_names)[1:]
+    result: dict[str, Any] = {}
+    for key in POSTPROCESSING_KEYS:
+        spec = requested.get(key, [])
+        if isinstance(spec, bool):
+            result[key] = spec
+            continue
+        wrong = [name for name in spec if name not in foreground]
+        if wrong:
+            raise InputError(
+                f"postprocessing {key}: {wrong} not among the model's foreground classes {foreground} "
+                "(or give 'all')"
+            )
+        result[key] = list(dict.fromkeys(spec))
+    return result
 
 
 def refuse_existing(out_dir: Path, overwrite: bool) -> None:

@@ -2,10 +2,11 @@
 
 Parity compares an artefact's logits with the torch network it was made from, on real validation slices
 (resized to the patch exactly as inference does): the largest absolute logit difference, relative to the
-logit scale, and the fraction of pixels whose argmax label agrees. The Dice gate runs the artefact through
-the same runtime backend ``Segmenter`` uses, over whole validation volumes with training's evaluation
-code, and compares its mean Dice with the source model's: a lossy artefact (int8, fp16, a distilled
-student) is kept only if it loses at most ``max_drop`` Dice points (1 point = 0.01 Dice).
+logit scale, and the fraction of pixels whose argmax label agrees. The Dice gate runs the artefact on
+the runtime backend ``Segmenter`` uses, over whole validation volumes, through the inference core that
+``Segmenter`` and training's evaluation run (``mpcl.inference``), and compares its mean Dice with the
+source model's: a lossy artefact (int8, fp16, a distilled student) is kept only if it loses at most
+``max_drop`` Dice points (1 point = 0.01 Dice).
 """
 
 from __future__ import annotations
@@ -67,11 +68,14 @@ class ParityResult:
         return logits_ok and self.label_agreement >= self.thresholds.min_label_agreement
 
     def describe(self) -> str:
+        """One line for the export log. Every export check compares against the source network run in
+        fp32 torch; the agreement is the share of all pixels of the slices whose argmax labels match."""
         limit = "not gated" if self.tolerance is None else f"limit {self.tolerance:.3g}"
+        required = self.thresholds.min_label_agreement
+        gate = "not gated" if required <= 0 else f"at least {100 * required:.1f}% required"
         return (
-            f"max |logit diff| {self.max_abs_logit_difference:.3g} ({limit}), label agreement "
-            f"{100 * self.label_agreement:.3f}% (min {100 * self.thresholds.min_label_agreement:.1f}%) "
-            f"on {self.slices} slices"
+            f"max |logit diff| {self.max_abs_logit_difference:.3g} ({limit}); labels agree with the fp32 "
+            f"torch network on {100 * self.label_agreement:.3f}% of pixels ({gate}) over {self.slices} slices"
         )
 
     def record(self) -> dict:
@@ -131,13 +135,12 @@ def backend_logits(backend, batch: np.ndarray, chunk: int = 16) -> np.ndarray:
 
 
 def mean_dice(
-    model: nn.Module, volumes: Sequence[Volume], class_names: list[str], patch_size, resize: str = "linear"
+    model, volumes: Sequence[Volume], class_names: list[str], patch_size, resize: str = "linear"
 ) -> float:
     """Mean foreground Dice over ``volumes`` (training's per-volume evaluation protocol, with the model's
-    ``resize``), on the device the model's weights are on (the CPU for a wrapped backend)."""
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    result = evaluate_volumes(model, volumes, class_names, tuple(patch_size), device, resize=resize)
+    ``resize``) of a torch network (on the device its weights are on) or of an ``mpcl.backends`` backend
+    (the artefact as the runtime runs it), both through the same inference core as ``Segmenter``."""
+    result = evaluate_volumes(model, volumes, class_names, tuple(patch_size), None, resize=resize)
     if not result["summary"]:
         raise CheckFailed("the validation volumes have no labels, so the Dice gate cannot run")
     return float(result["summary"]["mean"]["dice"]["mean"])

@@ -37,7 +37,7 @@ from mpcl.export.onnx_export import (
     opset_of,
     optimize_onnx,
 )
-from mpcl.export.package import PackageStage, load_source, refuse_existing
+from mpcl.export.package import PackageStage, load_source, package_postprocessing, refuse_existing
 from mpcl.export.parity import (
     THRESHOLDS,
     CheckFailed,
@@ -54,7 +54,6 @@ from mpcl.export.student import deployment_spec, fold_batch_norm, stripped_stude
 from mpcl.model_package import ModelPackage, build_model_json, sha256_of
 from mpcl.training.checkpoint import save_checkpoint
 from mpcl.training.data.base import SegmentationData
-from mpcl.training.evaluate import BackendModule
 
 Echo = Callable[[str], None]
 
@@ -77,7 +76,7 @@ class ExportOptions:
     trt_precision: str = "fp16"
     trt_max_batch: int = 16
     name: str = ""
-    postprocessing: Mapping[str, Any] | None = None
+    postprocessing: Mapping[str, Any] | None = None  # model.json's; None: the source package's, if any
     colors: Mapping[str, tuple[int, int, int]] | None = None
     threads: int | None = None
     progress: bool = True
@@ -166,6 +165,7 @@ def export_package(
         distill_config = load_distill_config(options.distill)
     state = load_source(source)
     metadata = state["metadata"]
+    postprocessing = package_postprocessing(source, options.postprocessing, metadata["class_names"])
     patch = (int(metadata["patch_size"][0]), int(metadata["patch_size"][1]))
     in_channels = int(metadata.get("in_channels", 1))
     reference, spec = stripped_student(state)
@@ -210,7 +210,7 @@ def export_package(
         {},
         name=options.name or out_dir.name,
         colors=options.colors,
-        postprocessing=options.postprocessing,
+        postprocessing=postprocessing,
     )
     model_json["training"] = {"checkpoint": source.name, "iteration": int(state["iteration"])}
     model_json["export"] = {
@@ -376,9 +376,7 @@ class _Gate:
             )
             self.run.echo(f"{label}: {parity.describe()}")
             volumes = self.data.val_volumes
-            dice_value = mean_dice(
-                BackendModule(backend), volumes, self.data.class_names, self.patch, self.resize
-            )
+            dice_value = mean_dice(backend, volumes, self.data.class_names, self.patch, self.resize)
         except Exception as error:  # onnxruntime and TensorRT raise plain Exceptions
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             return self.refuse(role, label, f"it cannot be run ({type(error).__name__}: {first[:200]})")

@@ -28,7 +28,6 @@ from mpcl.training.networks.unet import UNet
 FOLDED = "folded"
 BATCH_NORM_MODES = ("trained", FOLDED)
 TRAINING_ONLY_PREFIXES = ("deep_heads.",)  # auxiliary decoder heads: used by deep-supervision losses only
-FOLD_TOLERANCE = 1e-5  # relative to the logit scale; folding is exact up to float32 rounding
 _NOT_CONSTRUCTOR_KEYS = ("self", "in_channels", "num_classes")
 
 
@@ -124,11 +123,3 @@ def stripped_student(state: Mapping[str, Any]) -> tuple[UNet, dict[str, Any]]:
         first = str(error).strip().splitlines()[0]
         raise InputError(f"the checkpoint's student weights do not fit its network spec ({first})") from None
     return model.eval(), spec
-
-
-@torch.no_grad()
-def folding_difference(reference: nn.Module, folded: nn.Module, batch: torch.Tensor) -> tuple[float, float]:
-    """(max |logit difference|, logit scale) between the unfolded and folded networks on ``batch``."""
-    expected = reference.eval()(batch)
-    actual = folded.eval()(batch)
-    return float((actual - expected).abs().max()), float(max(1.0, expected.abs().max().item()))

@@ -36,9 +36,9 @@ ONNX_ROLES = {"fp32": "onnx", "int8": "onnx_int8", "fp16": "onnx_fp16"}
 # built with, so the backend compares these before deserialising anything.
 TENSORRT_REQUIRED_INFO = ("gpu_name", "tensorrt_version")
 
-# The only in-plane policy this runtime implements; it is what training evaluation does
-# (mpcl.training.evaluate.predict_probabilities): slices along the coarsest-spaced axis, each resized
-# (corner-aligned bilinear) to the patch, probabilities resized back before the argmax.
+# The default in-plane policy, run by mpcl.inference for training evaluation and the Segmenter alike:
+# slices along the coarsest-spaced axis, each resized (corner-aligned bilinear) to the patch,
+# probabilities resized back before the argmax.
 RESAMPLING_POLICY: dict[str, Any] = {
     "slice_axis": "coarsest_spacing",
     "in_plane": "resize_to_patch",

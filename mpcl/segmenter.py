@@ -1,24 +1,20 @@
 """Segmenter: build once, predict many; geometry-exact segmentation of new scans.
 
     from mpcl import Segmenter
-    seg = Segmenter.from_pretrained("runs/acdc/model")      # backend chosen automatically
+    seg = Segmenter.from_pretrained("runs/quickstart/model")  # backend chosen automatically
     result = seg("scan.nii.gz")                              # or a DICOM folder, .nrrd, .mha, a SimpleITK
     result.save("scan_seg.nii.gz")                           # image, a nibabel image, or (array, spacing)
     seg.segment_many(paths, "out/")
 
-The pipeline is the training evaluation's (``mpcl.training.evaluate.predict_probabilities``) in numpy:
-normalise the whole volume as in training, take 2D slices along the through-plane (coarsest-spaced) axis,
-resize each to the patch (corner-aligned bilinear), run the backend on batches of slices, softmax, resize
-the probabilities back to the slice's own size, argmax. When only labels are asked for, the last two
-steps are ``resized_argmax``, which interpolates just the pixels on class boundaries and, without
-test-time flips, takes the softmax just at their source pixels (same labels; its time is reported as
-``resize_back``). Only a batch of slices is ever held at patch or
-probability resolution, so memory grows with the volume (input + normalised copy + uint8 labels), not
-with the number of classes, unless full probabilities are asked for.
+The Segmenter reads the scan, hands its voxels to the one inference core (``mpcl.inference``: the
+package's normalisation, slices along the through-plane axis, resize to the patch, the backend, softmax,
+resize back, argmax, the package's post-processing) and puts the labels back on the scan's exact grid
+(size, spacing, origin, direction). Training validation, ``mpcl-eval`` and the export's Dice gate run
+the same core, so a model is scored the way it is deployed.
 
-With the torch backend on a CUDA GPU and triton installed (``fused_kernels``), the same per-batch work
-runs as two fused Triton kernels (``mpcl.kernels``): raw slices go to the GPU, are normalised and resized
-there, and only labels (and the maps asked for) come back; the numpy functions above are their reference.
+With the torch backend on a CUDA GPU and triton installed (``fused_kernels``; the backend declares it in
+``capabilities``), the per-batch work runs as two fused Triton kernels (``mpcl.kernels``): raw slices go
+to the GPU, are normalised and resized there, and only labels (and the maps asked for) come back.
 """
 
 from __future__ import annotations
@@ -36,25 +32,16 @@ import SimpleITK as sitk
 
 from mpcl.backends import Backend, select_backend
 from mpcl.errors import Cancelled, ConfigError, InputError
+from mpcl.inference import InferenceSettings, predict_volume, prepare_volume
 from mpcl.inputs import case_name, load_input
 from mpcl.io import ImageGeometry, atomic_outputs, write_image, write_segmentation_nrrd, write_vector_image
 from mpcl.kernels import FUSED_KERNEL_MODES
-from mpcl.kernels.reference import HeadOutputs, NormalizationAffine, average_flips, normalization_affine
 from mpcl.model_package import ClassLabel, ModelPackage, load_model_package
-from mpcl.postprocessing import apply_postprocessing, normalized_entropy, softmax
-from mpcl.preprocessing import (
-    normalize_intensity,
-    resize_2d,
-    resized_argmax,
-    through_plane_axis,
-    zoom_nearest,
-)
 
 log = logging.getLogger("mpcl.segment")
 
 ProgressCallback = Callable[[float, str], None]
 OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
 
 class CancelEvent(Protocol):
@@ -130,6 +117,23 @@ class SegmentationResult:
     name: str = ""
     backend: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """One line a person can read: no arrays, just what the result holds."""
+        names = {label.value: name for name, label in self.labels.items()}
+        counts = np.bincount(self.label_map.ravel(), minlength=1)
+        classes = ", ".join(
+            f"{names.get(value, value)}: {int(count)}" for value, count in enumerate(counts) if count
+        )
+        maps = ["labels"] + [
+            key for key in ("probabilities", "uncertainty") if getattr(self, key) is not None
+        ]
+        spacing = ", ".join(f"{value:g}" for value in self.geometry.spacing)
+        return (
+            f"SegmentationResult(name={self.name!r}, shape (z, y, x)={tuple(self.label_map.shape)}, "
+            f"spacing (x, y, z)=({spacing}) mm, voxels per class {{{classes}}}, "
+            f"backend={self.backend!r}, maps={maps})"
+        )
 
     def to_sitk(self) -> sitk.Image:
         """The label map as a SimpleITK image with the input's spacing, origin and direction."""
@@ -230,7 +234,8 @@ class Segmenter:
     ``fp16``, ``int8``; OpenVINO also ``bf16``): ``auto`` runs the package's int8 model on CPU and fp16 on
     CUDA when it has them (both were checked against the fp32 model's Dice by ``mpcl-export``), and on
     OpenVINO first bf16 where ``mpcl-export --bf16`` checked it and the CPU has native bf16; the others
-    ask for one variant.
+    ask for one variant. torch runs the fp32 checkpoint and TensorRT its engine's precision; a precision
+    or device a backend cannot run is refused with a ConfigError, never silently replaced.
     """
 
     def __init__(
@@ -254,8 +259,9 @@ class Segmenter:
         self.backend: Backend = select_backend(
             self.package, backend, device, threads=threads, fused_kernels=fused_kernels, precision=precision
         )
-        self.fused = bool(getattr(self.backend, "fused_kernels", False))
-        reason = getattr(self.backend, "fused_reason", None) or f"the {self.backend.name} backend has none"
+        capabilities = self.backend.capabilities
+        self.fused = capabilities.fused_kernels
+        reason = capabilities.fused_reason or f"the {self.backend.name} backend has none"
         if self.fused and self.package.resize != "linear":
             self.fused, reason = False, "the package resizes with nearest-neighbour zoom, which they lack"
         if fused_kernels == "on" and not self.fused:
@@ -267,6 +273,30 @@ class Segmenter:
         self.batch_size = int(batch_size)
         self.tta = tta
         self.postprocess = postprocess
+
+    def __repr__(self) -> str:
+        package = self.package
+        name = f"{package.name!r} at {str(package.root)!r}" if package.name else repr(str(package.root))
+        return (
+            f"Segmenter(package={name}, classes={package.class_names}, "
+            f"backend={self.backend.name!r} ({self.backend.describe()}), device={self.backend.device!r}, "
+            f"batch_size={self.batch_size}, tta={self.tta}, postprocess={self.postprocess})"
+        )
+
+    def settings(
+        self, tta: bool | None = None, probabilities: bool = False, uncertainty: bool = False
+    ) -> InferenceSettings:
+        """What the inference core runs for one call: the package's patch size, resize, normalisation and
+        post-processing (unless ``postprocess`` is off), this Segmenter's batch size, TTA and kernels."""
+        return InferenceSettings.for_package(
+            self.package,
+            postprocess=self.postprocess,
+            batch_size=self.batch_size,
+            tta=self.tta if tta is None else tta,
+            probabilities=probabilities,
+            uncertainty=uncertainty,
+            fused=self.fused,
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "auto", device: str = "auto", **options):
@@ -321,175 +351,32 @@ class Segmenter:
         started = time.perf_counter()
         loaded = load_input(image, spacing, dicom_series)
         timings = {"read": time.perf_counter() - started}
-        report(0.05, f"{loaded.name}: normalising")
-        started = time.perf_counter()
-        package = self.package
-        affine = None
-        if self.fused:  # statistics only: the kernels normalise the raw slices on the device
-            normalized = np.asarray(loaded.array, dtype=np.float32)
-            scheme, params = package.normalization_scheme, package.normalization_params
-            affine = normalization_affine(normalized, scheme, params)
-        else:
-            normalized = normalize_intensity(
-                loaded.array, package.normalization_scheme, package.normalization_params
-            )
-        timings["normalize"] = time.perf_counter() - started
         geometry, name = loaded.geometry, loaded.name
+        report(0.05, f"{name}: normalising")
+        settings = self.settings(tta, want_probabilities, want_uncertainty)
+        data, affine = prepare_volume(loaded.array, settings, timings)
         del loaded  # the raw volume is no longer needed: only the normalised copy stays in memory
-        result = self._predict_normalized(
-            normalized,
+
+        def progress(fraction: float, message: str) -> None:
+            _check_cancel(cancel_event, name)
+            report(0.1 + 0.86 * fraction, f"{name}: {message}")
+
+        log.debug("%s: shape %s, spacing %s", name, data.shape, geometry.spacing)
+        prediction = predict_volume(
+            data, geometry.spacing, self.backend, settings, affine=affine, timings=timings, progress=progress
+        )
+        result = SegmentationResult(
+            prediction.labels,
             geometry,
+            self.package.labels,
+            prediction.probabilities,
+            prediction.uncertainty,
             name,
-            self.tta if tta is None else tta,
-            want_probabilities,
-            want_uncertainty,
-            report,
-            cancel_event,
+            self.backend.name,
             timings,
-            affine,
         )
         report(1.0, f"{result.name}: done")
         return result
-
-    def _predict_normalized(
-        self,
-        normalized: np.ndarray,
-        geometry: ImageGeometry,
-        name: str,
-        tta: bool,
-        want_probabilities: bool,
-        want_uncertainty: bool,
-        report: _Progress,
-        cancel_event: CancelEvent | None,
-        timings: dict[str, float],
-        affine: NormalizationAffine | None = None,
-    ) -> SegmentationResult:
-        """Slice-wise inference on a normalised (z, y, x) volume; see the module docstring.
-
-        With ``affine`` the volume holds raw float32 intensities and the fused kernels normalise them
-        (their time goes to ``resize_to_patch`` and ``argmax_entropy``; ``softmax``/``resize_back`` stay 0).
-        """
-        package, shape = self.package, normalized.shape
-        axis = through_plane_axis(geometry.spacing)
-        log.debug("%s: shape %s, spacing %s, slicing array axis %d", name, shape, geometry.spacing, axis)
-        slices = np.moveaxis(normalized, axis, 0)
-        count, out_hw = slices.shape[0], slices.shape[1:]
-
-        labels = np.empty(shape, np.uint8)
-        label_slices = np.moveaxis(labels, axis, 0)  # views: writing them fills the (z, y, x) arrays
-        probabilities = np.empty((package.num_classes, *shape), np.float32) if want_probabilities else None
-        uncertainty = np.empty(shape, np.float32) if want_uncertainty else None
-        for key in ("resize_to_patch", "network", "softmax", "resize_back", "argmax_entropy"):
-            timings[key] = 0.0
-        for start in range(0, count, self.batch_size):
-            _check_cancel(cancel_event, name)
-            stop = min(start + self.batch_size, count)
-            if affine is None:
-                head = self._numpy_batch(
-                    slices[start:stop], out_hw, tta, want_probabilities, want_uncertainty, timings
-                )
-            else:
-                head = self.backend.segment_slices(
-                    slices[start:stop],
-                    affine,
-                    package.patch_size,
-                    TTA_FLIPS if tta else ((),),
-                    want_probabilities,
-                    want_uncertainty,
-                    timings,
-                )
-            label_slices[start:stop] = head.labels
-            if probabilities is not None:
-                chunk = head.probabilities.transpose(1, 0, 2, 3)
-                np.moveaxis(probabilities, axis + 1, 1)[:, start:stop] = chunk
-            if uncertainty is not None:
-                np.moveaxis(uncertainty, axis, 0)[start:stop] = head.uncertainty
-            report(0.1 + 0.85 * stop / count, f"{name}: slices {stop}/{count}")
-        _check_cancel(cancel_event, name)
-        if self.postprocess and package.postprocessing.enabled:
-            clock = time.perf_counter()
-            report(0.96, f"{name}: post-processing")
-            labels = apply_postprocessing(labels, package.postprocessing, axis)
-            timings["postprocess"] = time.perf_counter() - clock
-        return SegmentationResult(
-            labels, geometry, package.labels, probabilities, uncertainty, name, self.backend.name, timings
-        )
-
-    def _numpy_batch(
-        self,
-        slices: np.ndarray,
-        out_hw: tuple[int, int],
-        tta: bool,
-        want_probabilities: bool,
-        want_uncertainty: bool,
-        timings: dict[str, float],
-    ) -> HeadOutputs:
-        """Normalised (b, H, W) slices to labels (and maps) on their own grid, in numpy."""
-        if self.package.resize == "nearest":
-            return self._numpy_batch_nearest(
-                slices, out_hw, tta, want_probabilities, want_uncertainty, timings
-            )
-        clock = time.perf_counter()
-        batch = np.ascontiguousarray(resize_2d(slices, self.package.patch_size, order=1)[:, None])
-        timings["resize_to_patch"] += time.perf_counter() - clock
-        if not (want_probabilities or want_uncertainty):  # labels only: resize just the class boundaries
-            if tta:
-                scores, to_probabilities = self._probabilities(batch, tta, timings), None
-            else:  # and softmax just at their source pixels
-                scores, to_probabilities = self._logits(batch, timings), softmax
-            clock = time.perf_counter()
-            labels = resized_argmax(scores, out_hw, to_probabilities)
-            timings["resize_back"] += time.perf_counter() - clock
-            return HeadOutputs(labels, None, None)
-        chunk = self._probabilities(batch, tta, timings)
-        clock = time.perf_counter()
-        chunk = resize_2d(chunk, out_hw, order=1)  # (b, C, H, W) on the slice's own grid
-        timings["resize_back"] += time.perf_counter() - clock
-        clock = time.perf_counter()
-        labels = chunk.argmax(axis=1)
-        uncertainty = normalized_entropy(chunk) if want_uncertainty else None
-        timings["argmax_entropy"] += time.perf_counter() - clock
-        return HeadOutputs(labels, chunk if want_probabilities else None, uncertainty)
-
-    def _numpy_batch_nearest(
-        self,
-        slices: np.ndarray,
-        out_hw: tuple[int, int],
-        tta: bool,
-        want_probabilities: bool,
-        want_uncertainty: bool,
-        timings: dict[str, float],
-    ) -> HeadOutputs:
-        """The SSL4MIS/BCP test path: order-0 zoom to the patch, argmax there, order-0 zoom of the labels
-        (and of any probability/uncertainty maps) back to the slice's grid."""
-        clock = time.perf_counter()
-        batch = np.ascontiguousarray(zoom_nearest(slices, self.package.patch_size)[:, None])
-        timings["resize_to_patch"] += time.perf_counter() - clock
-        chunk = self._probabilities(batch, tta, timings)
-        clock = time.perf_counter()
-        labels = zoom_nearest(chunk.argmax(axis=1).astype(np.uint8), out_hw)
-        uncertainty = zoom_nearest(normalized_entropy(chunk), out_hw) if want_uncertainty else None
-        probabilities = zoom_nearest(chunk, out_hw) if want_probabilities else None
-        timings["resize_back"] += time.perf_counter() - clock
-        return HeadOutputs(labels, probabilities, uncertainty)
-
-    def _probabilities(self, batch: np.ndarray, tta: bool, timings: dict[str, float]) -> np.ndarray:
-        """Softmax probabilities (b, C, h, w) at patch size; with TTA, averaged over the flips."""
-        flips = TTA_FLIPS if tta else ((),)
-        if len(flips) > 1:
-            batch = np.ascontiguousarray(np.concatenate([np.flip(batch, f) if f else batch for f in flips]))
-        logits = self._logits(batch, timings)
-        clock = time.perf_counter()
-        probabilities = average_flips(softmax(logits), flips)
-        timings["softmax"] += time.perf_counter() - clock
-        return probabilities
-
-    def _logits(self, batch: np.ndarray, timings: dict[str, float]) -> np.ndarray:
-        """The backend's logits (b, C, h, w) for a (b, 1, h, w) batch at patch size, timed as ``network``."""
-        clock = time.perf_counter()
-        logits = self.backend.run(batch)
-        timings["network"] += time.perf_counter() - clock
-        return logits
 
     # -- files -----------------------------------------------------------------------------------
     def segment_to_files(

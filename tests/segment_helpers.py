@@ -115,3 +115,27 @@ def write_dicom_series(
             plane.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{series_uid[-4:]}_{index:03d}.dcm"))
         writer.Execute(plane)
+
+
+def reference_prediction(model, normalized: np.ndarray, spacing, patch, resize: str = "linear"):
+    """What training evaluation computed before it shared the inference core, written out plainly: per
+    slice along the thickest axis, resize to the patch, torch softmax there, then ``linear``: the
+    probabilities resized back (bilinear) and their argmax; ``nearest``: the argmax zoomed back (order 0).
+    Returns (labels, probabilities or None), both on the volume's grid."""
+    import torch
+
+    from mpcl.preprocessing import resize_2d, through_plane_axis, zoom_nearest
+
+    axis = through_plane_axis(spacing)
+    slices = np.moveaxis(normalized, axis, 0)
+    to_patch = resize_2d(slices, patch, order=1) if resize == "linear" else zoom_nearest(slices, patch)
+    model.eval()
+    with torch.no_grad():
+        probabilities = torch.softmax(model(torch.from_numpy(np.ascontiguousarray(to_patch[:, None]))), 1)
+    probabilities = probabilities.numpy()
+    if resize == "nearest":
+        labels = zoom_nearest(probabilities.argmax(1).astype(np.uint8), slices.shape[1:])
+        return np.moveaxis(labels, 0, axis), None
+    back = resize_2d(probabilities, slices.shape[1:], order=1)  # (D, C, H, W) along the slicing axis
+    volume_probabilities = np.moveaxis(np.moveaxis(back, 1, 0), 1, axis + 1)
+    return volume_probabilities.argmax(0).astype(np.uint8), volume_probabilities

@@ -297,6 +297,7 @@ def test_all_switches_off_is_two_supervised_networks(tmp_path):
     assert set(terms) == {"supervised_a", "supervised_b"}
 
 
+@pytest.mark.slow
 def test_branch_b_is_saved_and_resumed_exactly(tmp_path):
     straight, resumed = straight_and_resumed(
         lambda subdir: _trainer(tmp_path, subdir=subdir, **LOOSE), tmp_path
@@ -311,6 +312,7 @@ def test_branch_b_is_saved_and_resumed_exactly(tmp_path):
     assert "loss_pcbc" in header and "branch_agreement" in header
 
 
+@pytest.mark.slow
 def test_inference_averages_both_branches_in_validation_and_from_the_checkpoint(tmp_path):
     trainer = _trainer(tmp_path, iterations=3)
     trainer.fit(progress=False)
@@ -348,6 +350,7 @@ def _same_state(first: torch.nn.Module, second: torch.nn.Module) -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_all_switches_off_on_bcp_branch_a_is_bcp_bit_for_bit(tmp_path):
     """BARL's own copy-paste step (not a hand-over to BCP) with every component off and one scale (the
     BCP network: ``scales: 1``, ``beta: [1.0]``): branch A and its EMA teacher end with BCP's weights
@@ -406,6 +409,7 @@ def test_on_bcp_strong_views_are_mixed_like_the_weak_ones(tmp_path):
         assert all(torch.equal(view, item.images) for view, item in zip(views, mixed.inputs, strict=True))
 
 
+@pytest.mark.slow
 def test_on_bcp_both_branches_resume_exactly(tmp_path):
     params = {**LOOSE, "base": {"mix": "bcp", "pretrain_iterations": 1}}
     straight, resumed = straight_and_resumed(

@@ -112,6 +112,7 @@ def test_sample_slices_is_seeded_and_distinct():
     assert len(sample_slices(pool, 50, seed=1)) == 10
 
 
+@pytest.mark.slow
 def test_trainer_recalibrates_before_validation(tiny_config):
     from mpcl.training.data.loading import load_data
     from mpcl.training.trainer import Trainer

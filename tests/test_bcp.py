@@ -59,6 +59,7 @@ def test_zero_weight_pixels_do_not_affect_the_loss():
     )
 
 
+@pytest.mark.slow
 def test_bcp_stages_and_teacher_reset(tmp_path):
     config = config_from_dict(tiny_config_dict(tmp_path, "bcp", iterations=6, pretrain_iterations=2))
     trainer = Trainer(config, load_data(config.data))
@@ -234,6 +235,7 @@ def test_separate_passes_see_each_mixed_input_alone():
     assert not torch.allclose(separate[0], joint[0], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_best_checkpoints_are_chosen_within_each_stage(tmp_path):
     data = tiny_config_dict(tmp_path, "bcp", iterations=8, pretrain_iterations=4)
     data["train"].update(val_every=2, checkpoint_every=8)

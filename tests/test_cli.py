@@ -28,6 +28,7 @@ def _write_config(tmp_path, **changes):
     return path
 
 
+@pytest.mark.slow
 def test_train_then_eval_then_resume(tmp_path):
     runner = CliRunner()
     config = _write_config(tmp_path)

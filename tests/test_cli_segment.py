@@ -101,6 +101,7 @@ def test_setup_errors_exit_2_before_any_work(package_dir, cases, tmp_path, capsy
     assert not (tmp_path / "out.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_cli_in_a_subprocess(package_dir, cases, tmp_path):
     """What the Slicer module does: a child process, one stdout line per case, exit code."""
     result = subprocess.run(

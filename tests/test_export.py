@@ -35,13 +35,13 @@ def _inputs(count=3, size=PATCH, seed=0):
 
 # -- deployment student -------------------------------------------------------------------------------
 def test_batch_norm_folding_is_exact_and_removes_every_bn(folded_pair):
-    from mpcl.export.student import folding_difference
-
     reference, folded, _ = folded_pair
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    difference, scale = folding_difference(reference, folded, _inputs())
-    assert difference <= 1e-5 * scale
+    with torch.no_grad():
+        expected, actual = reference.eval()(_inputs()), folded.eval()(_inputs())
+    scale = max(1.0, float(expected.abs().max()))
+    assert float((actual - expected).abs().max()) <= 1e-5 * scale
     assert reference.training is False  # folding works on a copy and leaves the source untouched
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
 
@@ -65,6 +65,7 @@ def test_unknown_batch_norm_mode_is_one_sentence():
         build_network_from_spec({"name": "unet2d", "batch_norm": "fused"}, 1, 4)
 
 
+@pytest.mark.slow
 def test_strip_removes_training_only_parts(tmp_path):
     from mpcl.export.pipeline import ExportOptions, export_package
     from mpcl.training.checkpoint import load_checkpoint

@@ -12,6 +12,8 @@ from mpcl import Segmenter
 from mpcl.model_package import MODEL_JSON, load_model_package
 from tests.segment_helpers import auto_cpu_backend
 
+pytestmark = pytest.mark.slow  # every test exports a freshly trained model
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -237,3 +239,29 @@ def test_refused_student_writes_no_package_but_keeps_its_checkpoint(checkpoint, 
     assert result.exit_code == 2
     assert "the distilled student loses" in result.output and "nothing was written" in result.output
     assert not out.exists() and (tmp_path / "student.student.pt").is_file()
+
+
+def test_postprocessing_options_reach_model_json_and_a_source_package_keeps_its_own(checkpoint, tmp_path):
+    out = tmp_path / "post"
+    args = ["--largest-component", "all", "--fill-holes", "LV", "--fill-holes", "RV", "--no-progress"]
+    result = _export(checkpoint, "-o", out, *args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / MODEL_JSON).read_text())
+    assert data["postprocessing"] == {"largest_component": True, "fill_holes": ["LV", "RV"]}
+    settings = load_model_package(out).postprocessing
+    assert settings.largest_component == (1, 2, 3) and settings.fill_holes == (1, 3)
+    assert _export(out, "-o", tmp_path / "kept", "--no-progress").exit_code == 0  # package source: kept
+    assert load_model_package(tmp_path / "kept").postprocessing == settings
+    cleared = _export(out, "-o", tmp_path / "cleared", "--largest-component", "none", "--no-progress")
+    assert cleared.exit_code == 0, cleared.output
+    assert not load_model_package(tmp_path / "cleared").postprocessing.enabled
+
+
+def test_postprocessing_option_mistakes_are_one_sentence_and_write_nothing(checkpoint, tmp_path):
+    typo = _export(checkpoint, "-o", tmp_path / "typo", "--fill-holes", "LVV", "--no-progress")
+    assert typo.exit_code == 2 and "['LVV'] not among the model's foreground classes" in typo.output
+    mixed = _export(
+        checkpoint, "-o", tmp_path / "mixed", "--largest-component", "all", "--largest-component", "LV"
+    )
+    assert mixed.exit_code == 2 and "cannot be combined with other classes" in mixed.output
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "mixed").exists()

@@ -109,6 +109,7 @@ def _nifti_bytes(array: np.ndarray) -> bytes:
 
 
 # ----------------------------------------------------------------- mpcl-segment: writes on a full disk
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd"])
 def test_a_full_disk_fails_the_case_and_leaves_nothing(package_dir, scan, tmp_path, suffix):
     """ITK's NIfTI writer only prints 'NWAD: wrote only 0 of … bytes' on a full disk; the file is
@@ -265,6 +266,7 @@ def test_a_read_only_output_fails_the_case_and_the_batch_goes_on(
     assert list(blocked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sigterm_mid_batch_stops_cleanly(package_dir, tmp_path):
     """SIGTERM is handled like Ctrl-C: finished cases stay, the case in progress leaves nothing."""
     cases = [
@@ -529,6 +531,7 @@ def test_a_read_only_output_dir_is_refused_before_training(tmp_path, read_only):
     assert list((tmp_path / "run").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_is_one_sentence_and_no_partial_checkpoint(tmp_path):
     config = _config(tmp_path)
     code = (
@@ -558,12 +561,14 @@ def _eval(*args) -> tuple[int, str, float]:
     return result.exit_code, result.output, time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_eval_output_that_is_a_folder_is_refused_before_evaluating(trained, tmp_path):
     code, output, _ = _eval("--checkpoint", trained, "--output", tmp_path, "--device", "cpu")
     assert code == 2 and f"{tmp_path}: is a folder; give a file name" in output
     assert "Dice" not in output  # refused before any volume was scored
 
 
+@pytest.mark.slow
 def test_eval_output_in_a_read_only_folder_is_refused_before_evaluating(trained, tmp_path, read_only):
     read_only(tmp_path)
     code, output, _ = _eval("--checkpoint", trained, "--output", tmp_path / "m.json", "--device", "cpu")
@@ -571,6 +576,7 @@ def test_eval_output_in_a_read_only_folder_is_refused_before_evaluating(trained,
     assert "Dice" not in output
 
 
+@pytest.mark.slow
 def test_eval_predictions_folder_that_is_a_file_is_refused(trained, tmp_path):
     (tmp_path / "preds").write_text("x")
     code, output, _ = _eval(
@@ -580,6 +586,7 @@ def test_eval_predictions_folder_that_is_a_file_is_refused(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ mpcl-export
+@pytest.mark.slow
 def test_export_into_a_file_is_one_sentence(trained, tmp_path):
     from mpcl.export.cli import export_main
 
@@ -592,6 +599,7 @@ def test_export_into_a_file_is_one_sentence(trained, tmp_path):
     assert (tmp_path / "pkg").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_export_on_a_full_disk_leaves_no_package(trained, tmp_path):
     code = (
         "import sys\nfrom mpcl.export.cli import export_main\n"
@@ -605,6 +613,7 @@ def test_export_on_a_full_disk_leaves_no_package(trained, tmp_path):
     assert not (tmp_path / "pkg" / MODEL_JSON).exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cut_short_is_one_sentence(trained, tmp_path):
     from mpcl.export.cli import export_main
 

@@ -29,9 +29,11 @@ from tests.segment_helpers import GEOMETRY, phantom_volume
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KERNEL_MODULES = ("mpcl.kernels.triton_head", "mpcl.kernels.triton_preprocess")
 ALL_FLIPS = ((), (-1,), (-2,), (-2, -1))
+_MISSING_FOR_KERNELS = [name for name in ("torch", "triton") if not module_available(name)]
 needs_triton = pytest.mark.skipif(
-    not (module_available("triton") and module_available("torch")),
-    reason="triton (and torch) not installed: pip install 'mpcl[gpu]' to test the fused kernels",
+    bool(_MISSING_FOR_KERNELS),
+    reason=f"{' and '.join(_MISSING_FOR_KERNELS)} not installed: pip install 'mpcl[gpu]' to test the fused "
+    "kernels",
 )
 
 
@@ -117,7 +119,7 @@ def test_references_are_the_segmenters_numpy_path(package_dir, tta):
     segmenter.backend.run = recording_run
     volume, spacing = phantom_volume((12, 9, 10)), (0.7, 4.0, 1.1)  # slicing axis: y (array axis 1)
     result = segmenter((volume, spacing), tta=tta, probabilities=True, uncertainty=True)
-    (batch, logits), = seen
+    ((batch, logits),) = seen
     slices = np.moveaxis(volume, 1, 0)
     package = segmenter.package
     scheme, params = package.normalization_scheme, package.normalization_params
@@ -271,6 +273,7 @@ def _clean_env() -> dict:
     return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
 
 
+@pytest.mark.slow
 @needs_triton
 def test_kernels_compile_ahead_of_time_for_tensorrt():
     """The plugins' AOT step compiles the real (not interpreted) kernels to PTX for a named GPU."""
@@ -288,7 +291,11 @@ def test_kernels_compile_ahead_of_time_for_tensorrt():
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
         env=_clean_env(),
     )
     assert result.returncode == 0, result.stderr

@@ -202,6 +202,7 @@ def _trainer(tmp_path, iterations=4, subdir="run", **params):
     ("base", "params"),
     [("mean_teacher", {"consistency_start": 0}), ("bcp", {"pretrain_iterations": 2})],
 )
+@pytest.mark.slow
 def test_all_switches_off_is_the_base_method_bit_for_bit(tmp_path, base, params):
     """MPCL's own view code (not a hand-over to the base) with every component off: the same weights
     as the base after the stage switch (BCP: restored best stage-1 state, teacher copy, self-training)."""
@@ -274,6 +275,7 @@ def test_warm_up_uses_labelled_pixels_only_and_no_ramped_terms(tmp_path):
     assert trainer.method.mpcl_ramp(StepInfo(9, 20)) == 0 < trainer.method.mpcl_ramp(StepInfo(10, 20))
 
 
+@pytest.mark.slow
 def test_bank_and_teacher_head_survive_a_resume_exactly(tmp_path):
     params = {"warmup_iterations": 1, "tau_conf": 0.5, "n_min": 1}
     straight, resumed = straight_and_resumed(

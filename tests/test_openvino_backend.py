@@ -29,6 +29,7 @@ def package_copy(package_dir, tmp_path):
     return shutil.copytree(package_dir, tmp_path / "model")
 
 
+@pytest.mark.slow
 def test_auto_precision_needs_a_passed_bf16_check_and_a_bf16_cpu(package_copy):
     plain = load_model_package(package_copy)
     assert openvino_precision(plain, "auto", bf16_native=True) == "fp32"  # never checked
@@ -118,6 +119,7 @@ def _export(*args):
     return CliRunner().invoke(export_main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_export_bf16_records_its_check_and_auto_then_runs_bf16(checkpoint, tmp_path):
     pytest.importorskip("openvino", reason="the optional extra mpcl[openvino] is not installed")
     if not openvino_backend.cpu_has_bf16():
@@ -135,6 +137,7 @@ def test_export_bf16_records_its_check_and_auto_then_runs_bf16(checkpoint, tmp_p
     assert segmenter.backend.precision == "bf16"
 
 
+@pytest.mark.slow
 def test_export_bf16_that_fails_its_check_is_recorded_as_not_kept(checkpoint, tmp_path, monkeypatch):
     """A bf16 run whose logits are wrong: the package is written, the verdict says why, exit code 1."""
 
@@ -161,6 +164,7 @@ def test_export_bf16_that_fails_its_check_is_recorded_as_not_kept(checkpoint, tm
     assert openvino_precision(load_model_package(out), "auto", bf16_native=True) == "fp32"
 
 
+@pytest.mark.slow
 def test_export_bf16_without_openvino_stops_before_writing(checkpoint, tmp_path, monkeypatch):
     from mpcl.export.pipeline import ExportOptions, export_package
 

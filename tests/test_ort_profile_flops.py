@@ -54,6 +54,7 @@ def test_conv_flops_of_the_exported_graph_match_the_torch_network(tmp_path):
     assert expected["ConvTranspose"] > 0 and expected["Conv"] > 10 * expected["ConvTranspose"]
 
 
+@pytest.mark.slow
 def test_fma_peak_measures_avx512_exactly_when_the_cpu_has_it(tmp_path):
     """The floor's peak must come from the widest FMA this CPU has, or the floor is too generous."""
     if not (shutil.which("cc") or shutil.which("gcc")):
@@ -69,6 +70,7 @@ def test_fma_peak_measures_avx512_exactly_when_the_cpu_has_it(tmp_path):
     assert ("no AVX-512F" in how) == ("avx512f" not in flags), how
 
 
+@pytest.mark.slow
 def test_openvino_held_to_avx2_runs_avx2_convolutions(package_dir, tmp_path):
     """The AVX2 row is only worth its floor if oneDNN really ran AVX2 kernels (it reads the limit once,
     at load), so the benchmark reports the kernels it saw and says when the limit was not honoured."""

@@ -375,6 +375,7 @@ def test_phases_supervised_then_consistency_then_prototypes(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_prototypes_and_student_survive_a_resume_exactly(tmp_path):
     params = {**FAST, "warmup_iterations": 1}
     straight, resumed = straight_and_resumed(
@@ -393,6 +394,7 @@ def _method_like(trainer: Trainer) -> PCCS:
     return PCCS(trainer.method.params, trainer.method.num_classes)
 
 
+@pytest.mark.slow
 def test_frozen_teacher_never_moves_and_survives_a_resume(tmp_path):
     params = {**FAST, "teacher_update": "frozen"}
     trainer = _trainer(tmp_path, subdir="frozen", **params)
@@ -431,6 +433,7 @@ def _same_state(first: torch.nn.Module, second: torch.nn.Module) -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("base", "mix"), [("supervised", "none"), ("bcp", "bcp")])
 def test_all_switches_off_is_the_base_method_bit_for_bit_through_pccs_own_view(tmp_path, base, mix):
     """PCCS's own view code (not a hand-over to the base) with every component off gives the base's

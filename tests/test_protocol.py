@@ -10,7 +10,7 @@ from mpcl.preprocessing import zoom_nearest
 from mpcl.training.config import config_from_dict
 from mpcl.training.data.augment import published_view
 from mpcl.training.data.base import Volume
-from mpcl.training.evaluate import predict_labels
+from mpcl.training.evaluate import volume_predictor
 from mpcl.training.protocol import describe_protocol
 from mpcl.training.trainer import build_network, stored_config
 from tests.conftest import tiny_config_dict
@@ -128,7 +128,7 @@ def test_nearest_evaluation_is_the_bcp_test_loop():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1))
     rng = np.random.default_rng(0)
     volume = Volume(name="v", image=rng.random((3, 37, 29)).astype(np.float32), label=None)
-    labels = predict_labels(model, volume, (16, 16), torch.device("cpu"), resize="nearest")
+    labels = volume_predictor(model, (16, 16), torch.device("cpu"), resize="nearest")(volume)
     expected = np.zeros((3, 37, 29), np.uint8)
     with torch.no_grad():
         for index, image in enumerate(volume.image):

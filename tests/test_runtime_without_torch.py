@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.segment_helpers import auto_cpu_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +51,10 @@ _BLOCKER = textwrap.dedent(
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", _BLOCKER + textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
     )
 
 
@@ -132,6 +137,7 @@ def test_import_mpcl_does_no_work():
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [[], False]
 
 
+@pytest.mark.slow
 def test_segmenter_and_cli_run_without_torch(tmp_path):
     """A package made by training (with torch) is used where torch cannot be imported."""
     from mpcl.io import write_image

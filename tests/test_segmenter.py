@@ -22,6 +22,7 @@ from tests.segment_helpers import (
     CLASS_NAMES,
     GEOMETRY,
     phantom_volume,
+    reference_prediction,
     sitk_image,
     write_dicom_series,
 )
@@ -88,23 +89,14 @@ def onnxruntime_segmenter(package_dir):
 def test_probabilities_match_training_evaluation(
     request, package_dir, segmenter, backend, label, volume, spacing
 ):
-    import torch
-
     from mpcl.export.student import build_network_from_spec
     from mpcl.training.checkpoint import load_checkpoint
-    from mpcl.training.data.base import Volume
-    from mpcl.training.evaluate import predict_probabilities
 
     package = segmenter.package
     model = build_network_from_spec(package.network, 1, package.num_classes)
     model.load_state_dict(load_checkpoint(package_dir / "model.pt")["student"])
     normalized = normalize_intensity(volume, package.normalization_scheme)
-    expected = predict_probabilities(
-        model,
-        Volume("case", normalized, None, spacing=tuple(spacing)),
-        package.patch_size,
-        torch.device("cpu"),
-    )
+    _, expected = reference_prediction(model, normalized, tuple(spacing), package.patch_size)
     runtime = request.getfixturevalue(f"{backend}_segmenter")
     result = runtime((volume, spacing), probabilities=True)
     assert result.backend == backend
@@ -120,13 +112,9 @@ def test_probabilities_match_training_evaluation(
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_nearest_package_segments_as_training_evaluates(tmp_path, backend):
     """A package trained under the published protocol resizes with scipy's order-0 zoom, as validation."""
-    import torch
-
     from mpcl.export.pipeline import write_model_package
     from mpcl.export.student import build_network_from_spec
     from mpcl.training.checkpoint import load_checkpoint
-    from mpcl.training.data.base import Volume
-    from mpcl.training.evaluate import predict_labels
     from tests.segment_helpers import make_checkpoint
 
     checkpoint = make_checkpoint(tmp_path / "best.pt", resize="nearest")
@@ -137,13 +125,8 @@ def test_nearest_package_segments_as_training_evaluates(tmp_path, backend):
     model = build_network_from_spec(package.network, 1, package.num_classes)
     model.load_state_dict(load_checkpoint(tmp_path / "model" / "model.pt")["student"])
     volume, spacing = phantom_volume((5, 37, 45)), (1.0, 1.2, 8.0)
-    expected = predict_labels(
-        model,
-        Volume("case", normalize_intensity(volume, package.normalization_scheme), None, spacing=spacing),
-        package.patch_size,
-        torch.device("cpu"),
-        resize="nearest",
-    )
+    normalized = normalize_intensity(volume, package.normalization_scheme)
+    expected, _ = reference_prediction(model, normalized, spacing, package.patch_size, resize="nearest")
     np.testing.assert_array_equal(runtime((volume, spacing)).label_map, expected)
     with_maps = runtime((volume, spacing), probabilities=True, uncertainty=True)
     np.testing.assert_array_equal(with_maps.label_map, expected)

@@ -51,6 +51,8 @@ from MPCLSegmentationLib.nodes import (  # noqa: E402
 )
 from MPCLSegmentationLib.process import SegmentOptions  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each test drives the Slicer module's logic on a real segmentation (1-5 s)
+
 CPU = SegmentOptions(device="cpu")
 
 

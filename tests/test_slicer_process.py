@@ -160,6 +160,7 @@ def test_killing_only_the_launcher_leaves_the_child_running(tmp_path):
     assert not running((child, grandchild), (child,), process_table())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process groups; Windows uses taskkill /T")
 def test_cancel_stops_the_whole_process_tree(tmp_path):
     command, environment, pids = _tree(tmp_path)

@@ -10,8 +10,10 @@ import torch
 from mpcl.errors import ConfigError, InputError
 from mpcl.training.checkpoint import load_checkpoint
 from mpcl.training.data.loading import load_data
-from mpcl.training.evaluate import evaluate_volumes, predict_labels, predict_probabilities
+from mpcl.training.evaluate import evaluate_volumes
 from mpcl.training.trainer import Trainer, build_network
+
+pytestmark = pytest.mark.slow  # every test trains
 
 
 def _train(config, stop_at=None, resume=None):
@@ -94,18 +96,21 @@ def test_checkpoint_metadata_and_evaluation_writes_geometry(tiny_config, tmp_pat
     assert sitk.GetArrayFromImage(written).shape == volume.image.shape
 
 
-def test_predict_probabilities_slices_along_the_thick_axis():
-    from mpcl.training.data.base import Volume
+def test_evaluation_slices_along_the_thick_axis():
+    from mpcl.backends.torch_backend import TorchBackend
+    from mpcl.inference import InferenceSettings, segment_volume
 
     model = build_network_for_test()
     image = np.random.default_rng(0).random((20, 24, 5)).astype(np.float32)  # x is the thick axis
-    volume = Volume("v", image, None, spacing=(9.0, 1.0, 1.0))
-    probabilities = predict_probabilities(model, volume, (32, 32), torch.device("cpu"))
-    assert probabilities.shape == (4, 20, 24, 5)
-    np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
-    labels = predict_labels(model, volume, (32, 32), torch.device("cpu"))
+    backend = TorchBackend.from_module(model, torch.device("cpu"))
+    with_maps = InferenceSettings((32, 32), batch_size=16, probabilities=True)
+    prediction = segment_volume(image, (9.0, 1.0, 1.0), backend, with_maps)
+    assert prediction.slice_axis == 2
+    assert prediction.probabilities.shape == (4, 20, 24, 5)
+    np.testing.assert_allclose(prediction.probabilities.sum(0), 1.0, atol=1e-5)
+    labels = segment_volume(image, (9.0, 1.0, 1.0), backend, InferenceSettings((32, 32))).labels
     assert labels.dtype == np.uint8
-    np.testing.assert_array_equal(labels, probabilities.argmax(0))
+    np.testing.assert_array_equal(labels, prediction.probabilities.argmax(0))
 
 
 def build_network_for_test():

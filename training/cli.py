@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,10 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
     "package_path",
     type=click.Path(path_type=Path),
     help="A model package (end of training or mpcl-export) instead of a checkpoint: scores what is "
-    "deployed, on the backend and precision Segmenter would run.",
+    "deployed, each scan segmented by Segmenter as mpcl-segment does (the package's normalisation, "
+    "backend, precision and post-processing). NIfTI-folder data are read from their scan files; ACDC "
+    "and phantom volumes exist only min-max normalised, and are given to Segmenter as such (the "
+    "package's min-max normalisation leaves them unchanged).",
 )
 @click.option(
     "--config",
@@ -177,7 +181,7 @@ def eval_main(
     from mpcl.io import ImageGeometry, write_atomically, write_image
     from mpcl.training.config import load_config
     from mpcl.training.data.loading import load_data
-    from mpcl.training.evaluate import evaluate_volumes
+    from mpcl.training.evaluate import score_volumes
     from mpcl.training.metrics import format_table
 
     if (checkpoint is None) == (package_path is None):
@@ -208,16 +212,13 @@ def eval_main(
     if state is not None:
         scored = _checkpoint_network(checkpoint, state, config, data.num_classes, device)
     else:
-        scored = _package_network(package_path, data, device, backend, precision)
-    result = evaluate_volumes(
-        scored.model,
+        scored = _package_network(package_path, config, data, split, device, backend, precision)
+    result = score_volumes(
+        scored.predict,
         volumes,
         data.class_names,
-        scored.patch_size,
-        scored.device,
         prediction_dir=save_predictions,
         progress=True,
-        resize=scored.resize,
         empty_prediction=config.evaluation.empty_prediction,
     )
     result.update({**scored.record, "split": split, "torch": torch.__version__})
@@ -237,49 +238,81 @@ def eval_main(
 
 @dataclass
 class _Scored:
-    """What mpcl-eval runs: a torch module (a network, or a runtime backend wrapped as one) and how."""
+    """What mpcl-eval scores: a function from a volume to its labels, and where they come from."""
 
-    model: object
-    patch_size: tuple[int, int]
-    device: object
+    predict: Callable  # Volume -> uint8 labels on the volume's grid
     record: dict  # facts about the source, stored with the metrics
     described: str  # the source, for the printed header
-    resize: str  # how slices go to the patch and back: the config's, or the package's (as it deploys)
 
 
 def _checkpoint_network(checkpoint: Path, state: dict, config, num_classes: int, device: str) -> _Scored:
-    """A checkpoint's network as validation used it (e.g. BARL's branch average)."""
+    """A checkpoint's network as validation used it (e.g. BARL's branch average), through the inference
+    core with the config's patch size and resize; the data loader's volumes are already normalised."""
+    from mpcl.training.evaluate import volume_predictor
     from mpcl.training.trainer import inference_model_from_checkpoint, select_device
 
     target = select_device(device)
     model = inference_model_from_checkpoint(state, config, num_classes).to(target)
     record = {"checkpoint": str(checkpoint), "iteration": state["iteration"], "method": config.method.name}
-    patch = tuple(config.data.patch_size)
-    return _Scored(model, patch, target, record, f"checkpoint {checkpoint}", config.evaluation.resize)
+    predict = volume_predictor(model, tuple(config.data.patch_size), target, config.evaluation.resize)
+    return _Scored(predict, record, f"checkpoint {checkpoint}")
 
 
-def _package_network(path: Path, data, device: str, backend: str, precision: str) -> _Scored:
-    """A model package on the runtime backend Segmenter would pick, with the package's own patch size."""
-    import torch
+def _package_network(
+    path: Path, config, data, split: str, device: str, backend: str, precision: str
+) -> _Scored:
+    """A model package scored as deployed: each volume goes through ``Segmenter``, so the package's
+    normalisation, patch size, resize, backend, precision and post-processing all apply.
 
-    from mpcl.backends import select_backend
-    from mpcl.errors import ModelPackageError
+    What Segmenter is given is what a user would give it: for NIfTI-folder data the scan files
+    themselves (mpcl-segment on the same files gives the same labels); ACDC (h5) and phantom volumes
+    exist only min-max normalised, so those arrays, with their geometry.
+    """
+    import SimpleITK as sitk
+
+    from mpcl.errors import InputError, ModelPackageError
+    from mpcl.io import ImageGeometry
     from mpcl.model_package import load_model_package
-    from mpcl.training.evaluate import BackendModule
+    from mpcl.segmenter import Segmenter
 
     package = load_model_package(path)
-    # evaluation feeds the data loader's normalised slices straight to the network, so the package must
-    # have been trained on the same classes and the same normalisation
     if package.class_names != data.class_names:
         raise ModelPackageError(
             f"{path}: the package's classes {package.class_names} are not the data's {data.class_names}"
         )
-    if package.normalization.get("scheme") != data.normalization.get("scheme"):
-        raise ModelPackageError(
-            f"{path}: the package normalises with {package.normalization}, the data with {data.normalization}"
-        )
-    runtime = select_backend(package, backend, device, precision=precision)
-    record = {"model": str(path), "backend": f"{runtime.name} on {runtime.device}: {runtime.describe()}"}
-    described = f"model package {path} ({record['backend']})"
-    patch, cpu = tuple(package.patch_size), torch.device("cpu")
-    return _Scored(BackendModule(runtime), patch, cpu, record, described, package.resize)
+    if config.data.kind == "nifti_folder":
+        from mpcl.training.data.nifti_folder import _image_files
+
+        folder = Path(config.data.root) / ("imagesTs" if split == "test" else "imagesTr")
+        files = _image_files(folder)
+
+        def source(volume):
+            if volume.name not in files:
+                raise InputError(f"{folder}: no scan file for case {volume.name!r}")
+            return files[volume.name]
+
+        inputs = "scan files"
+    else:
+        # the arrays are the data loader's normalised images: the package must normalise the same way
+        # (then its normalisation of an already normalised volume changes nothing)
+        if package.normalization.get("scheme") != data.normalization.get("scheme"):
+            raise ModelPackageError(
+                f"{path}: the package normalises with {package.normalization}, the data with "
+                f"{data.normalization}"
+            )
+
+        def source(volume):
+            geometry = ImageGeometry(volume.spacing, volume.origin, volume.direction)
+            return geometry.apply_to(sitk.GetImageFromArray(volume.image))
+
+        inputs = f"{data.normalization.get('scheme')}-normalised arrays"
+    segmenter = Segmenter(package, backend, device, precision=precision)
+    runtime = segmenter.backend
+    record = {
+        "model": str(path),
+        "backend": f"{runtime.name} on {runtime.device}: {runtime.describe()}",
+        "inputs": inputs,
+        "postprocessing": segmenter.postprocess and package.postprocessing.enabled,
+    }
+    described = f"model package {path} through Segmenter ({record['backend']}; {inputs})"
+    return _Scored(lambda volume: segmenter(source(volume)).label_map, record, described)

@@ -10,6 +10,7 @@ the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mpcl.errors import ConfigError
 from mpcl.training.batchnorm import recalibrate_batch_norm, sample_slices
@@ -290,6 +292,10 @@ class Trainer:
         bar = tqdm(
             total=stop - self.start_iteration, desc=self.config.experiment, unit="it", disable=not progress
         )
+        postfix: dict[str, str] = {}  # the bar's loss and best Dice, updated after each log and validation
+        logs_above_bar = contextlib.ExitStack()
+        if progress:  # console log lines are printed above the bar instead of glued to its end
+            logs_above_bar.enter_context(logging_redirect_tqdm())
         started = time.perf_counter()
         validation_seconds = 0.0
         completed = self.start_iteration  # steps whose update is in the weights
@@ -306,12 +312,16 @@ class Trainer:
                     row.update({f"loss_{name}": value.item() for name, value in terms.items()})
                     row.update(self.method.diagnostics())
                     self.train_log.append(row)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", best_dice=f"{max(self.best_dice, 0):.3f}")
+                    postfix["loss"] = f"{loss.item():.4f}"
+                    postfix["best_dice"] = f"{max(self.best_dice, 0):.3f}"
+                    bar.set_postfix(postfix)
                 bar.update(1)
                 if done % train.val_every == 0 or done == total or done in self.stage_switches:
                     validation_started = time.perf_counter()
                     self.validate(done)
                     validation_seconds += time.perf_counter() - validation_started
+                    postfix["best_dice"] = f"{max(self.best_dice, 0):.3f}"  # this validation included
+                    bar.set_postfix(postfix)
                 if done % train.checkpoint_every == 0 or done == stop:
                     self.save("latest.pt", done)
         except KeyboardInterrupt:
@@ -324,6 +334,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            logs_above_bar.close()
         elapsed = time.perf_counter() - started - validation_seconds  # training steps only
         run = stop - self.start_iteration
         result = TrainResult(

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpcl.backends import check_io_shape, module_available
+from mpcl.backends import Capabilities, check_io_shape, module_available, refuse_unsupported
 from mpcl.errors import ModelPackageError
 from mpcl.model_package import ONNX_ROLES, ModelPackage
 
 PRECISIONS = ("auto", *ONNX_ROLES)
+FUSED_KERNELS = False  # the per-batch pre/post-processing is the shared numpy code
 
 
 def onnx_role(package: ModelPackage, device: str, precision: str = "auto") -> str:
@@ -89,6 +90,7 @@ class OnnxRuntimeBackend:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelPackageError(f"{path}: cannot be loaded by onnxruntime ({first[:200]})") from None
         self.device = device
+        self.capabilities = Capabilities(self.precision, False, "the onnxruntime backend has none")
         self.version = onnxruntime.__version__
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or not outputs:
@@ -106,6 +108,14 @@ class OnnxRuntimeBackend:
 
 
 def create(
-    package: ModelPackage, device: str, threads: int | None = None, precision: str = "auto", **_ignored
+    package: ModelPackage,
+    device: str,
+    *,
+    threads: int | None = None,
+    fused_kernels: str = "auto",
+    precision: str = "auto",
 ) -> OnnxRuntimeBackend:
+    """The backend for ``select_backend``; precisions are checked (and refused) by :func:`onnx_role`."""
+    reason = "the onnxruntime backend has none"
+    refuse_unsupported("onnxruntime", device, ("cpu", "cuda"), "auto", PRECISIONS, fused_kernels, reason)
     return OnnxRuntimeBackend(package, device, threads, precision)

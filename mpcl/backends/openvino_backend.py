@@ -3,7 +3,7 @@
 Why a second CPU runtime: on the AVX-512 VM of benchmarks/results/inference_cpu_openvino_*.json and
 ort_profile_cpu_avx512_openvino.json its fp32 network was faster than ONNX Runtime's in most runs (its
 convolutions are no faster; it spends less on layout reorders and transposed convolutions), and on CPUs
-with native bf16 arithmetic (AVX512_BF16, AMX) it runs the fp32 graph in bf16, about twice as fast again.
+with native bf16 arithmetic (AVX512_BF16, AMX) it runs the fp32 graph in bf16, faster again.
 
 Precisions, all from files already in the package (OpenVINO reads ONNX directly):
 
@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from mpcl.backends import check_io_shape, module_available
+from mpcl.backends import Capabilities, check_io_shape, module_available, refuse_unsupported
 from mpcl.errors import ModelPackageError
 from mpcl.model_package import ModelPackage
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+FUSED_KERNELS = False  # the per-batch pre/post-processing is the shared numpy code
 NOT_INSTALLED = "openvino is not installed (pip install 'mpcl[openvino]')"
 BF16_RECORD = "openvino_bf16"  # key of the export's bf16 check inside files.onnx
 _ROLES = {"fp32": "onnx", "bf16": "onnx", "int8": "onnx_int8", "fp16": "onnx_fp16"}
@@ -160,6 +161,7 @@ class OpenVinoBackend:
         self.compiled = _openvino_call(path, lambda: core.compile_model(model, "CPU", config))
         self.request = self.compiled.create_infer_request()
         self.device = "cpu"
+        self.capabilities = Capabilities(self.precision, False, "the openvino backend has none")
         self.version = openvino.__version__.split("-")[0]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -171,6 +173,15 @@ class OpenVinoBackend:
 
 
 def create(
-    package: ModelPackage, device: str, threads: int | None = None, precision: str = "auto", **_ignored
+    package: ModelPackage,
+    device: str,
+    *,
+    threads: int | None = None,
+    fused_kernels: str = "auto",
+    precision: str = "auto",
 ) -> OpenVinoBackend:
+    """The backend for ``select_backend``; precisions are checked (and refused) by
+    :func:`openvino_precision`."""
+    reason = "the openvino backend has none"
+    refuse_unsupported("openvino", device, ("cpu",), "auto", PRECISIONS, fused_kernels, reason)
     return OpenVinoBackend(package, device, threads, precision)

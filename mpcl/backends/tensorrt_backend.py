@@ -6,15 +6,36 @@ package lists one, TensorRT is importable, a GPU is present, and the GPU name an
 ``auto`` then falls back to ONNX Runtime, and asking for ``tensorrt`` explicitly is refused with the
 reason). Device buffers and the CUDA stream come from torch (always installed next to TensorRT in
 practice), which keeps this module free of pycuda.
+
+An engine's precision is fixed when it is built (model.json records it), so ``precision`` may only be
+``auto`` or that precision; anything else is refused rather than silently running the engine.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from mpcl.backends import gpu_present, module_available
-from mpcl.errors import ModelPackageError
+from mpcl.backends import Capabilities, gpu_present, module_available, refuse_unsupported
+from mpcl.errors import ConfigError, ModelPackageError
 from mpcl.model_package import TENSORRT_REQUIRED_INFO, ModelPackage
+
+log = logging.getLogger("mpcl.segment")
+PRECISIONS = ("auto", "fp32", "fp16")  # what engines are built in (mpcl-export --trt-precision)
+FUSED_KERNELS = False  # the per-batch pre/post-processing is the shared numpy code
+
+
+def engine_precision(package: ModelPackage, precision: str = "auto") -> str:
+    """The precision of the package's engine, checked against the one asked for."""
+    built = str(package.files["tensorrt"].info.get("precision", "fp32"))
+    if precision not in ("auto", built):
+        raise ConfigError(
+            f"{package.root}: the package's TensorRT engine was built in {built}, so it cannot run "
+            f"precision {precision!r}; rebuild it with mpcl-export --trt, or use backend onnxruntime or "
+            "openvino for the ONNX variants"
+        )
+    return built
 
 
 def current_gpu_name(device: str = "cuda") -> str:
@@ -73,7 +94,8 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, package: ModelPackage, device: str = "cuda") -> None:
+    def __init__(self, package: ModelPackage, device: str = "cuda", precision: str = "auto") -> None:
+        self.precision = engine_precision(package, precision)
         try:
             import tensorrt as trt
         except ImportError:
@@ -110,6 +132,7 @@ class TensorRTBackend:
         self.input_dtype = self._torch_dtype(self.engine.get_tensor_dtype(self.input_name))
         self.output_dtype = self._torch_dtype(self.engine.get_tensor_dtype(self.output_name))
         self.stream = torch.cuda.Stream(device=self.device)
+        self.capabilities = Capabilities(self.precision, False, "the tensorrt backend has none")
 
     def _torch_dtype(self, trt_dtype):
         mapping = {self.trt.float32: self.torch.float32, self.trt.float16: self.torch.float16}
@@ -141,8 +164,32 @@ class TensorRTBackend:
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def describe(self) -> str:
-        return f"TensorRT {self.trt.__version__}, max batch {self.max_batch}"
+        return f"TensorRT {self.trt.__version__}, {self.precision}, max batch {self.max_batch}"
 
 
-def create(package: ModelPackage, device: str, **_ignored) -> TensorRTBackend:
-    return TensorRTBackend(package, device)
+def create(
+    package: ModelPackage,
+    device: str,
+    *,
+    threads: int | None = None,
+    fused_kernels: str = "auto",
+    precision: str = "auto",
+) -> TensorRTBackend:
+    """The backend for ``select_backend``: a CUDA device, the engine's own precision, no fused kernels.
+    ``threads`` sets CPU threads, and the engine runs on the GPU, so it has nothing to set (logged)."""
+    reason = "the tensorrt backend has none"
+    refuse_unsupported(
+        "tensorrt",
+        device,
+        ("cuda",),
+        precision,
+        PRECISIONS,
+        fused_kernels,
+        reason,
+        "int8 and bf16 variants run on the onnxruntime and openvino backends",
+    )
+    if threads:
+        log.info(
+            "backend: threads=%s has no effect on the TensorRT backend (the engine runs on the GPU)", threads
+        )
+    return TensorRTBackend(package, device, precision)

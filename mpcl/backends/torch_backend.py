@@ -1,8 +1,16 @@
-"""torch eager backend: the package's checkpoint (model.pt) loaded into the training U-Net.
+"""torch eager backend: the package's checkpoint (model.pt) loaded into the training U-Net, or any torch
+network handed over by training (``TorchBackend.from_module``).
 
-On CUDA with triton installed it can also run a whole batch of slices on the device
-(``segment_slices``): the fused Triton kernels of ``mpcl.kernels`` normalise and resize the raw slices,
-and turn the logits into labels, so neither the patch batch nor the logits cross to the host.
+``from_module`` is how training scores its networks through the same inference code as deployment
+(``mpcl.inference``): validation, ``mpcl-eval --checkpoint`` and the export's Dice gate run the numpy
+slice loop with this backend instead of wrapping a runtime backend as a torch module. torch is imported
+only when a backend is built, so importing this module costs nothing where torch is absent.
+
+On CUDA with triton installed the package backend can also run a whole batch of slices on the device
+(``segment_slices``, declared by ``capabilities.fused_kernels``): the fused Triton kernels of
+``mpcl.kernels`` normalise and resize the raw slices, and turn the logits into labels, so neither the
+patch batch nor the logits cross to the host. The checkpoint runs in fp32 only; other precisions are
+refused (they are ONNX variants, run by the onnxruntime and openvino backends).
 """
 
 from __future__ import annotations
@@ -11,14 +19,18 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from mpcl.backends import module_available
+from mpcl.backends import Capabilities, module_available, refuse_unsupported
 from mpcl.errors import ConfigError, InputError, ModelPackageError
 from mpcl.kernels import FUSED_KERNEL_MODES
 from mpcl.kernels.reference import Flip, HeadOutputs, NormalizationAffine
 from mpcl.model_package import ModelPackage
+
+PRECISIONS = ("auto", "fp32")
+FUSED_KERNELS = True  # on CUDA with triton installed; see fused_kernels_reason
 
 
 def unavailable_reason(package: ModelPackage, device: str) -> str | None:
@@ -44,29 +56,49 @@ def fused_kernels_reason(device: str) -> str | None:
     return None
 
 
+def _fused_capability(device: str, fused_kernels: str) -> tuple[bool, str]:
+    """Whether the fused kernels run for ``fused_kernels`` (auto/on/off) on ``device``, and why not."""
+    if fused_kernels not in FUSED_KERNEL_MODES:
+        raise ConfigError(f"fused_kernels must be one of {FUSED_KERNEL_MODES}, got {fused_kernels!r}")
+    reason = fused_kernels_reason(device)
+    if fused_kernels == "on" and reason is not None:
+        raise ConfigError(f"fused_kernels='on' cannot run: {reason}")
+    if fused_kernels == "off":
+        reason = "fused_kernels='off'"
+    elif fused_kernels == "auto" and reason is None and not device.startswith("cuda"):
+        reason = "'auto' uses them on CUDA only (the interpreter is for tests)"
+    return reason is None, reason or ""
+
+
 class TorchBackend:
-    """Eager torch, in ``inference_mode``; the checkpoint is the student network of training."""
+    """Eager torch on a loaded network: :meth:`from_package` (deployment, in ``inference_mode``) or
+    :meth:`from_module` (a network training is still using, evaluated in eval mode under ``no_grad``)."""
 
     name = "torch"
 
     def __init__(
-        self,
+        self, model: Any, device: str, capabilities: Capabilities, *, restore_mode: bool = False
+    ) -> None:
+        """Prefer the two constructors; ``model`` is a torch module already on ``device``."""
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.device = str(device)
+        self.capabilities = capabilities
+        self.precision = capabilities.precision
+        self.restore_mode = restore_mode
+
+    @classmethod
+    def from_package(
+        cls,
         package: ModelPackage,
         device: str = "cpu",
         threads: int | None = None,
         fused_kernels: str = "auto",
-    ) -> None:
-        if fused_kernels not in FUSED_KERNEL_MODES:
-            raise ConfigError(f"fused_kernels must be one of {FUSED_KERNEL_MODES}, got {fused_kernels!r}")
-        reason = fused_kernels_reason(device)
-        if fused_kernels == "on" and reason is not None:
-            raise ConfigError(f"fused_kernels='on' cannot run: {reason}")
-        if fused_kernels == "off":
-            reason = "fused_kernels='off'"
-        elif fused_kernels == "auto" and reason is None and not device.startswith("cuda"):
-            reason = "'auto' uses them on CUDA only (the interpreter is for tests)"
-        self.fused_kernels = reason is None
-        self.fused_reason = reason
+    ) -> TorchBackend:
+        """The package's checkpoint in the network model.json describes, on ``device``."""
+        fused, reason = _fused_capability(device, fused_kernels)
         import torch
 
         from mpcl.export.student import build_network_from_spec
@@ -95,15 +127,37 @@ class TorchBackend:
             ) from None
         if threads:
             torch.set_num_threads(int(threads))
-        self.torch = torch
-        self.device = device
-        self.model = model.to(torch.device(device)).eval()
+        model = model.to(torch.device(device)).eval()
+        return cls(model, device, Capabilities("fp32", fused, reason))
+
+    @classmethod
+    def from_module(cls, net: Any, device: Any = None) -> TorchBackend:
+        """A torch network as a backend, without copying or moving it: ``run`` feeds batches to
+        ``device`` (default: where the network's weights are), in eval mode under ``no_grad``, and puts
+        the network back in the train/eval mode it was in, so training can go on using it."""
+        import torch
+
+        if not isinstance(net, torch.nn.Module):
+            raise InputError(f"TorchBackend.from_module needs a torch.nn.Module, got {type(net).__name__}")
+        if device is None:
+            parameter = next(net.parameters(), None)
+            device = parameter.device if parameter is not None else torch.device("cpu")
+        reason = "a network handed over by training runs the numpy pre/post-processing"
+        return cls(net, str(torch.device(device)), Capabilities("fp32", False, reason), restore_mode=True)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(batch).to(self.device))
-            return logits.float().cpu().numpy()
+        inputs = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        if not self.restore_mode:
+            with torch.inference_mode():
+                return self.model(inputs).float().cpu().numpy()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.model(inputs).float().cpu().numpy()
+        finally:
+            self.model.train(was_training)
 
     def segment_slices(
         self,
@@ -120,8 +174,9 @@ class TorchBackend:
         Timings are per stage (the device is synchronised after each): upload + fused preprocessing in
         ``resize_to_patch``, the network in ``network``, fused head + download in ``argmax_entropy``.
         """
-        if not self.fused_kernels:
-            raise ConfigError(f"segment_slices needs the fused kernels, which are off: {self.fused_reason}")
+        if not self.capabilities.fused_kernels:
+            reason = self.capabilities.fused_reason
+            raise ConfigError(f"segment_slices needs the fused kernels, which are off: {reason}")
         from mpcl.kernels.triton_head import flip_codes_tensor, fused_head
         from mpcl.kernels.triton_preprocess import affine_tensor, fused_preprocess
 
@@ -159,11 +214,19 @@ class TorchBackend:
             self.torch.cuda.synchronize(self.device)
 
     def describe(self) -> str:
-        fused = "fused Triton pre/post-processing" if self.fused_kernels else "numpy pre/post-processing"
+        fused = "fused Triton" if self.capabilities.fused_kernels else "numpy"
+        fused += " pre/post-processing"
         return f"torch {self.torch.__version__} eager, {fused}"
 
 
 def create(
-    package: ModelPackage, device: str, threads: int | None = None, fused_kernels: str = "auto", **_ignored
+    package: ModelPackage,
+    device: str,
+    *,
+    threads: int | None = None,
+    fused_kernels: str = "auto",
+    precision: str = "auto",
 ) -> TorchBackend:
-    return TorchBackend(package, device, threads, fused_kernels)
+    """The backend for ``select_backend``: the fp32 checkpoint on CPU or CUDA."""
+    refuse_unsupported("torch", device, ("cpu", "cuda"), precision, PRECISIONS, fused_kernels, None)
+    return TorchBackend.from_package(package, device, threads, fused_kernels)

@@ -85,11 +85,10 @@ from mpcl.training.losses.barl_label import (
     pcbc_loss,
     pcbc_stage_weights,
 )
-from mpcl.training.losses.consistency import sigmoid_rampup
 from mpcl.training.losses.dice import ce_dice_loss
 from mpcl.training.losses.mixing import mix_images, random_box_mask
 from mpcl.training.losses.prototypes import IGNORE
-from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
+from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo, check_params, delayed_ramp
 from mpcl.training.methods.bcp import (
     BCPParams,
     CopyPasteStep,
@@ -157,9 +156,7 @@ class BARLParams:
             (self.embed_stride in (1, 2), "embed_stride must be 1 or 2"),
             (self.embed_dim >= 2, "embed_dim must be >= 2"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"method.params.{message}")
+        check_params(checks)
 
 
 class BranchAverage(nn.Module):
@@ -308,10 +305,7 @@ class BARL(Method):
 
     def ramp(self, step: StepInfo) -> float:
         """w(t): 0 before ``consistency_start``, then the sigmoid ramp normalised to 1."""
-        if step.iteration < self.params.consistency_start:
-            return 0.0
-        length = self.params.rampup_iterations
-        return sigmoid_rampup(step.iteration, step.total_iterations if length is None else length)
+        return delayed_ramp(step, self.params.consistency_start, self.params.rampup_iterations)
 
     # -- the step --------------------------------------------------------------------------------
     def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:

@@ -8,13 +8,16 @@ updates the teacher.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from mpcl.errors import ConfigError
 from mpcl.training.data.batches import Batch
+from mpcl.training.losses.consistency import sigmoid_rampup
 
 
 @dataclass
@@ -41,6 +44,23 @@ class StageSwitch:
 
     iteration: int
     restore: Literal["best", "last"]
+
+
+def delayed_ramp(step: StepInfo, start: int, length: int | None, stair: int = 1) -> float:
+    """0 before iteration ``start``, then the sigmoid ramp-up normalised to 1 (``sigmoid_rampup``, counted
+    from iteration 0 over ``length`` iterations, None: the whole run, moving every ``stair`` iterations).
+    The one schedule of every ramped loss term; methods multiply it by their weight λ."""
+    if step.iteration < start:
+        return 0.0
+    return sigmoid_rampup(step.iteration, step.total_iterations if length is None else length, stair)
+
+
+def check_params(checks: Iterable[tuple[bool, str]]) -> None:
+    """Raise ``ConfigError("method.params.<message>")`` for the first ``(ok, message)`` that is not ok:
+    the value checks of a method's parameter dataclass (``__post_init__``)."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"method.params.{message}")
 
 
 class Method:

@@ -24,11 +24,10 @@ from typing import Literal
 
 import torch
 
-from mpcl.errors import ConfigError
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.dice import ce_dice_loss
 from mpcl.training.losses.mixing import largest_component_per_class, mix_images, mix_loss, outer_box_mask
-from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
+from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo, check_params
 
 
 @dataclass
@@ -44,10 +43,12 @@ class BCPParams:
     forward_passes: Literal["separate", "joint"] = "separate"
 
     def __post_init__(self) -> None:
-        if self.connectivity not in (4, 8):
-            raise ConfigError(f"method.params.connectivity must be 4 or 8, got {self.connectivity}")
-        if not 0 < self.mask_ratio < 1:
-            raise ConfigError(f"method.params.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        check_params(
+            [
+                (self.connectivity in (4, 8), f"connectivity must be 4 or 8, got {self.connectivity}"),
+                (0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}"),
+            ]
+        )
 
 
 def check_copy_paste_batches(labeled_batch: int, unlabeled_batch: int) -> str | None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from mpcl.training.data.batches import Batch
-from mpcl.training.losses.consistency import sigmoid_rampup, softmax_mse
-from mpcl.training.methods.base import Method, Models, StepInfo
+from mpcl.training.losses.consistency import softmax_mse
+from mpcl.training.methods.base import Method, Models, StepInfo, delayed_ramp
 from mpcl.training.methods.supervised import supervised_terms
 
 
@@ -31,10 +31,8 @@ def noisy(images: torch.Tensor, std: float, clip: float) -> torch.Tensor:
 
 
 def consistency_weight(params: MeanTeacherParams, step: StepInfo) -> float:
-    if step.iteration < params.consistency_start:
-        return 0.0
-    length = params.rampup_iterations if params.rampup_iterations is not None else step.total_iterations
-    return params.consistency * sigmoid_rampup(step.iteration, length, params.rampup_step)
+    ramp = delayed_ramp(step, params.consistency_start, params.rampup_iterations, params.rampup_step)
+    return params.consistency * ramp
 
 
 class MeanTeacher(Method):

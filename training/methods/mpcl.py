@@ -43,7 +43,7 @@ from torch import nn
 
 from mpcl.errors import ConfigError
 from mpcl.training.data.batches import Batch
-from mpcl.training.losses.consistency import sigmoid_rampup, softmax_mse
+from mpcl.training.losses.consistency import softmax_mse
 from mpcl.training.losses.prototypes import (
     IGNORE,
     diversity_loss,
@@ -56,7 +56,7 @@ from mpcl.training.losses.prototypes import (
     prototype_logits,
     separation_loss,
 )
-from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
+from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo, check_params, delayed_ramp
 from mpcl.training.methods.bcp import (
     BCP,
     BCPParams,
@@ -131,9 +131,7 @@ class MPCLParams:
             (0.0 <= self.bank_momentum < 1.0, "bank_momentum must be in [0, 1)"),
             (self.anchors_per_group >= 1, "anchors_per_group must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"method.params.{message}")
+        check_params(checks)
 
 
 @dataclass
@@ -270,10 +268,7 @@ class MPCL(Method):
 
     def mpcl_ramp(self, step: StepInfo) -> float:
         """r(t): zero during the warm-up, then the base's sigmoid ramp normalised to 1."""
-        if step.iteration < self.params.warmup_iterations:
-            return 0.0
-        length = self.params.base.rampup_iterations
-        return sigmoid_rampup(step.iteration, step.total_iterations if length is None else length)
+        return delayed_ramp(step, self.params.warmup_iterations, self.params.base.rampup_iterations)
 
     def _prototype_terms(
         self, view: PrototypeView, models: Models, step: StepInfo

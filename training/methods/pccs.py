@@ -95,7 +95,6 @@ from torch import nn
 
 from mpcl.errors import ConfigError
 from mpcl.training.data.batches import Batch
-from mpcl.training.losses.consistency import sigmoid_rampup
 from mpcl.training.losses.pccs import (
     class_scores,
     entropy,
@@ -110,7 +109,7 @@ from mpcl.training.losses.pccs import (
 )
 from mpcl.training.losses.prototypes import IGNORE, group_prototypes
 from mpcl.training.losses.sdm import Layer, class_layers, sdm_layers
-from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo
+from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo, check_params, delayed_ramp
 from mpcl.training.methods.bcp import (
     BCPParams,
     check_copy_paste_batches,
@@ -189,9 +188,7 @@ class PCCSParams:
             (self.sdm_bands >= 1, "sdm_bands must be >= 1"),
             (0.0 <= base.ema_decay <= 1.0, "base.ema_decay must be in [0, 1]"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"method.params.{message}")
+        check_params(checks)
 
 
 @dataclass
@@ -282,12 +279,8 @@ class PCCS(Method):
 
     # -- schedule --------------------------------------------------------------------------------
     def consistency_weight(self, step: StepInfo) -> float:
-        if step.iteration < self.params.consistency_start:
-            return 0.0
-        length = self.params.rampup_iterations
-        return self.params.lambda_c * sigmoid_rampup(
-            step.iteration, step.total_iterations if length is None else length
-        )
+        p = self.params
+        return p.lambda_c * delayed_ramp(step, p.consistency_start, p.rampup_iterations)
 
     # -- the step --------------------------------------------------------------------------------
     def _teacher(self, models: Models) -> tuple[nn.Module, nn.Module]:
