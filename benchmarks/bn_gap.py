@@ -26,7 +26,8 @@ variance divided by the recalibrated one (``variance_ratio``): where the running
 by how much, e.g. whether only the layers behind a dropout are. ``--modes`` picks the Dice rows (the
 ratios are always computed; ``--modes running`` makes a cheap layer-only run).
 
-Usage (writes ``benchmarks/results/bn_gap_<name>.json``):
+Usage (appends a run to ``benchmarks/results/bn_gap_<name>.json``, the one file of that setting: run it
+again with the same ``--name`` to repeat it, ``--tag`` labels a run):
 
     python benchmarks/bn_gap.py --data-root ../shared/data/acdc --name cpu_quick \\
         runs/benchmark/cpu_quick/barl_l3_s1/latest.pt runs/benchmark/cpu_quick/supervised_l3_s1/latest.pt
@@ -36,8 +37,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,9 @@ from mpcl.training.data.augment import weak_view
 from mpcl.training.data.loading import load_data
 from mpcl.training.evaluate import evaluate_volumes
 from mpcl.training.trainer import inference_model_from_checkpoint, stored_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import append_run  # noqa: E402  (benchmarks/ is not a package)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("running", "recalibrated", "volume_batch", "recalibrated_dropout", "recalibrated_weak")
@@ -172,7 +176,8 @@ def main() -> None:
         default=list(MODES),
         help="Dice rows to compute (after the checkpoints)",
     )
-    parser.add_argument("--name", default="diagnosis", help="results file: bn_gap_<name>.json")
+    parser.add_argument("--name", default="diagnosis", help="results file: bn_gap_<name>.json (appended to)")
+    parser.add_argument("--tag", default="", help="a label for this run, stored with it")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,7 +190,6 @@ def main() -> None:
         values = " ".join(f"{report['rows'][m]['mean_dice']:20.4f}" for m in modes)
         print(f"{str(checkpoint)[-60:]:60s} {values}", flush=True)
         print_variance_ratios(report["variance_ratio"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
     target = RESULTS / f"bn_gap_{args.name}.json"
     settings = {**vars(args), "checkpoints": [str(c) for c in args.checkpoints]}
     payload = {
@@ -194,10 +198,7 @@ def main() -> None:
         "settings": settings,
         "results": reports,
     }
-    temporary = target.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    temporary.replace(target)
-    print(f"written {target}")
+    append_run(payload, target, "bn_gap", args.tag)
 
 
 if __name__ == "__main__":

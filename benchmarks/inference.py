@@ -23,6 +23,9 @@ the goal is a row at least 4x faster with at most 1 Dice point lost. Usage:
     python benchmarks/inference.py --package runs/x/model_int8 --student-package runs/x/student
     python benchmarks/inference.py --quick --package runs/x/model_int8   # a smoke run in a minute
 
+Each run is appended to ``--output`` (default benchmarks/results/inference_cpu.json) with its repeat number:
+name the file after the setting and run it again to repeat it (``--tag`` labels a run).
+
 Without --package/--checkpoint a randomly initialised SSL4MIS U-Net (4 classes, 256x256 patch, fp32
 and torch rows only) is used: latency does not depend on the weights, Dice is then meaningless.
 """
@@ -43,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_record, write_report  # noqa: E402  (benchmarks/ is not a package)
+from machine import append_run, machine_record  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -344,7 +347,15 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"subset of {','.join(ROWS)}")
     parser.add_argument("--quick", action="store_true", help="2 ACDC volumes, 1 repeat, no CT: a smoke run")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "inference_cpu.json")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "inference_cpu.json",
+        help="the setting's results file; each run is appended to it",
+    )
+    parser.add_argument(
+        "--tag", default="", help="a label for this run, stored with it (e.g. 'after the resize change')"
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -412,7 +423,7 @@ def main() -> None:
         "results": report_rows,
         "skipped": skipped,
     }
-    write_report(report, args.output)
+    append_run(report, args.output, "inference", args.tag)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What machine a benchmark ran on, and how its JSON is written: the VMs these benchmarks run on change
-between sessions (AVX2-only and AVX-512 machines so far), and a latency means little without them."""
+"""What machine a benchmark ran on, and how its runs are appended to its one results file: the VMs these
+benchmarks run on change between sessions (AVX2-only and AVX-512 machines so far), and a latency means
+little without them."""
 
 from __future__ import annotations
 
@@ -53,8 +54,28 @@ def machine_record(threads: int, note: str, with_torch: bool = False) -> dict[st
     return record
 
 
-def write_report(report: dict, output: Path) -> None:
-    """Write a benchmark's JSON (creating its folder) and say where."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written {output}")
+def append_run(report: dict, output: Path, benchmark: str, tag: str = "") -> dict:
+    """Append ``report`` as one run to ``output``, the one results file of its benchmark and setting.
+
+    The file holds ``{"benchmark", "setting", "runs": [...]}``; each run is a report with its ``repeat``
+    number (1, 2, ... in the order the runs were appended) and, if given, a ``tag``. A file from before this
+    layout (one bare report) becomes run 1. The whole file is written to a temporary and renamed, so an
+    interrupted write leaves the previous runs intact. Repeats go into the same file: name the file after the
+    setting, not the repeat. Returns what was written.
+    """
+    from mpcl.io import write_atomically
+
+    output = Path(output)
+    record = {"benchmark": benchmark, "setting": output.stem, "runs": []}
+    if output.exists():
+        existing = json.loads(output.read_text())
+        if isinstance(existing, dict) and isinstance(existing.get("runs"), list):
+            record.update(existing)  # keeps the file's own benchmark and setting names
+        else:  # one report written before runs were appended: it is the first run
+            record["runs"] = [{"repeat": 1, **existing}]
+    repeat = 1 + max((run.get("repeat", 0) for run in record["runs"]), default=0)
+    record["runs"].append({"repeat": repeat, **({"tag": tag} if tag else {}), **report})
+    text = json.dumps(record, indent=2) + "\n"
+    write_atomically(output, lambda temporary: temporary.write_text(text))
+    print(f"appended run {repeat} to {output}")
+    return record

@@ -20,8 +20,9 @@ For one package's fp32 graph on a batch of slices (default: a randomly initialis
     python benchmarks/ort_profile.py --package runs/x/model --batch 10 --output ...
     python benchmarks/ort_profile.py --package runs/x/student --precision int8 --batch 9 --output ...
 
-Run it on an otherwise idle machine; it prints a table and writes JSON (default
-benchmarks/results/ort_profile_cpu.json).
+Run it on an otherwise idle machine; it prints a table and appends the run to the setting's JSON
+(``--output``, default benchmarks/results/ort_profile_cpu.json): to repeat a setting, run it again with
+the same ``--output`` (``--tag`` labels a run).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_record, write_report  # noqa: E402  (benchmarks/ is not a package)
+from machine import append_run, machine_record  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -311,7 +312,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "ort_profile_cpu.json")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "ort_profile_cpu.json",
+        help="the setting's results file; each run is appended to it",
+    )
+    parser.add_argument(
+        "--tag", default="", help="a label for this run, stored with it (e.g. 'after the resize change')"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="mpcl-ort-profile-") as scratch:
@@ -366,7 +375,7 @@ def main() -> None:
         openvino["fp32_avx2"]["over_avx2_fma_floor"] = openvino["fp32_avx2"]["median_s"] / avx2_floor
     for line in _table(report):
         print(line)
-    write_report(report, args.output)
+    append_run(report, args.output, "ort_profile", args.tag)
 
 
 def _table(report: dict) -> list[str]:

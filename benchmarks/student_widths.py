@@ -9,8 +9,8 @@ batch of slices at the patch size, so a student config can be chosen for the mac
     python benchmarks/student_widths.py                        # the teacher and every configs/distill/*.yaml
     python benchmarks/student_widths.py --widths 8,8,16,32,64 --patch 128 --batch 9
 
-Run it on an otherwise idle machine; it prints a table and writes JSON (default
-benchmarks/results/student_widths_cpu.json).
+Run it on an otherwise idle machine; it prints a table and appends the run to the setting's JSON
+(``--output``, default benchmarks/results/student_widths_cpu.json; ``--tag`` labels a run).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_record, write_report  # noqa: E402  (benchmarks/ is not a package)
+from machine import append_run, machine_record  # noqa: E402  (benchmarks/ is not a package)
 from ort_profile import conv_flops, time_call  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "student_widths_cpu.json")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "student_widths_cpu.json",
+        help="the setting's results file; each run is appended to it",
+    )
+    parser.add_argument(
+        "--tag", default="", help="a label for this run, stored with it (e.g. 'after the resize change')"
+    )
     args = parser.parse_args()
 
     candidates = shipped_widths()
@@ -109,7 +117,7 @@ def main() -> None:
         "settings": {"batch": args.batch, "patch": args.patch, "repeats": args.repeats},
         "students": rows,
     }
-    write_report(report, args.output)
+    append_run(report, args.output, "student_widths", args.tag)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,33 @@ def test_rows_that_cannot_run_say_why(package_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(openvino_backend, "bf16_unavailable", lambda: None)
     reason = skip_reason(package, "openvino", ("onnx", "torch"), "bf16")
     assert reason is None if installed else "openvino is not installed" in reason
+
+
+def test_repeated_runs_are_appended_to_the_one_file_of_their_setting(tmp_path):
+    """Repeats go into one results file (numbered runs), not a file per repeat; the write is atomic."""
+    import json
+
+    append_run = load_benchmark("machine").append_run
+    output = tmp_path / "results" / "inference_cpu_example.json"
+    append_run({"results": {"torch/acdc": {"median_s": 0.1}}}, output, "inference")
+    append_run({"results": {"torch/acdc": {"median_s": 0.2}}}, output, "inference", tag="after the change")
+    assert [path.name for path in output.parent.iterdir()] == [output.name]  # no temporary left behind
+    data = json.loads(output.read_text())
+    assert data["benchmark"] == "inference" and data["setting"] == "inference_cpu_example"
+    assert [run["repeat"] for run in data["runs"]] == [1, 2]
+    assert [run["results"]["torch/acdc"]["median_s"] for run in data["runs"]] == [0.1, 0.2]
+    assert "tag" not in data["runs"][0] and data["runs"][1]["tag"] == "after the change"
+
+
+def test_a_single_report_from_before_becomes_the_first_run(tmp_path):
+    import json
+
+    append_run = load_benchmark("machine").append_run
+    output = tmp_path / "ort_profile_cpu.json"
+    output.write_text(json.dumps({"latency_s": {"median": 0.282}}))
+    append_run({"latency_s": {"median": 0.273}}, output, "ort_profile")
+    runs = json.loads(output.read_text())["runs"]
+    assert runs == [
+        {"repeat": 1, "latency_s": {"median": 0.282}},
+        {"repeat": 2, "latency_s": {"median": 0.273}},
+    ]
