@@ -12,7 +12,11 @@ name here instead: the icon a 128x128 PNG, each screenshot a PNG, JPEG or GIF im
 Also checked: the entry's required keys, ``https``/``git`` ``scm_url``, category, an extension name not
 starting with "Slicer", every ``EXTENSION_*`` variable set to a literal (the index never expands
 ``${...}``), the same values in ``plugins/slicer/CMakeLists.txt`` (the extension built on its own),
-and a LICENSE that is the license ``pyproject.toml`` declares. A repository name not starting with
+a LICENSE that is the license ``pyproject.toml`` declares, and the step that bundles the runtime: the
+module's ``CMakeLists.txt`` builds the ``mpcl`` wheel from this source tree at build time
+(``add_custom_command`` running ``plugins/slicer/Utilities/build_runtime_wheel.py``, in the default
+``ALL`` build, rebuilt when any folder of ``pyproject.toml``'s ``package-dir`` changes) and installs it
+into the module's ``Resources/Wheels``. A repository name not starting with
 "Slicer" is what the index warns about; it is reported here as a warning, since renaming the
 repository is not a change to this tree.
 
@@ -32,6 +36,10 @@ from pathlib import Path
 
 ENTRY = "plugins/slicer/MPCL.json"
 EXTENSION_CMAKE = "plugins/slicer/CMakeLists.txt"
+MODULE_CMAKE = "plugins/slicer/MPCLSegmentation/CMakeLists.txt"
+WHEEL_SCRIPT = "plugins/slicer/Utilities/build_runtime_wheel.py"
+WHEELS_FOLDER = "Resources/Wheels"
+VERSION_FILE = "mpcl-version.txt"
 LICENSE_NAMES = ("LICENSE", "LICENCE", "License.txt", "license.txt", "LICENSE.txt", "COPYING", "COPYING.txt")
 REQUIRED_ENTRY_KEYS = ("$schema", "category", "scm_url")
 REQUIRED_VARIABLES = (
@@ -62,6 +70,54 @@ def cmake_variable(text: str, name: str) -> str | None:
     """The value of ``set(NAME "value")`` as the index reads it (first match), or None if not set so."""
     match = re.search(rf'^\s*set\s*\(\s*{name}\s+"([^"]*)"\s*\)', text, re.IGNORECASE | re.MULTILINE)
     return match.group(1) if match else None
+
+
+def cmake_code(text: str) -> str:
+    """CMake text without its comments (a ``#`` outside a quoted string starts one)."""
+    lines = []
+    for line in text.splitlines():
+        quoted = False
+        for index, char in enumerate(line):
+            if char == '"':
+                quoted = not quoted
+            elif char == "#" and not quoted:
+                line = line[:index]
+                break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cmake_expand(text: str) -> str:
+    """``${NAME}`` replaced by the value of ``set(NAME value)`` in the same text (one-value sets only),
+    so that a check can follow a path kept in a variable; other references stay as they are."""
+    values = {}
+    for name, value in re.findall(r'^\s*set\s*\(\s*(\w+)\s+("[^"]*"|[^\s)"]+)\s*\)', text, re.MULTILINE):
+        values[name] = value.strip('"')
+    for _ in range(5):  # values may refer to one another
+        expanded = re.sub(r"\$\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), text)
+        if expanded == text:
+            break
+        text = expanded
+    return text
+
+
+def cmake_calls(text: str, command: str) -> list[str]:
+    """The argument text of every ``command( ... )`` call (parentheses balanced, quotes respected)."""
+    bodies = []
+    for match in re.finditer(rf"(?<![\w$]){command}\s*\(", text, re.IGNORECASE):
+        depth, quoted, start = 1, False, match.end()
+        for index in range(start, len(text)):
+            char = text[index]
+            if char == '"':
+                quoted = not quoted
+            elif not quoted and char == "(":
+                depth += 1
+            elif not quoted and char == ")":
+                depth -= 1
+                if depth == 0:
+                    bodies.append(text[start:index])
+                    break
+    return bodies
 
 
 def image_kind(data: bytes) -> str | None:
@@ -104,6 +160,7 @@ class Checker:
             name = self.entry_path.stem
             variables = self.check_root_cmake(name, entry)
             self.check_extension_cmake(variables)
+        self.check_runtime_wheel()
         self.check_license()
         return not self.errors
 
@@ -224,6 +281,60 @@ class Checker:
             other = cmake_variable(text, variable)
             if other is not None and other != value:
                 self.error(f"{variable} differs between the root CMakeLists.txt and {EXTENSION_CMAKE}.")
+
+    # -- the runtime wheel the extension carries --------------------------------------------------------
+    def check_runtime_wheel(self) -> None:
+        path = self.root / MODULE_CMAKE
+        if not path.is_file():
+            self.error(f"{MODULE_CMAKE} is missing; it builds the module and bundles the runtime wheel.")
+            return
+        text = cmake_expand(cmake_code(path.read_text(encoding="utf-8", errors="replace")))
+        script_name = Path(WHEEL_SCRIPT).name
+        steps = [body for body in cmake_calls(text, "add_custom_command") if script_name in body]
+        if not steps:
+            self.error(
+                f"{MODULE_CMAKE} does not build the mpcl runtime wheel at build time (no add_custom_command "
+                f"running {script_name})."
+            )
+        else:
+            step = steps[0]
+            missing = [flag for flag in ("--source", "--dest", "OUTPUT") if flag not in step]
+            if missing:
+                self.error(f"The runtime wheel step in {MODULE_CMAKE} lacks {', '.join(missing)}.")
+            if VERSION_FILE not in step:
+                self.error(f"The runtime wheel step in {MODULE_CMAKE} does not produce {VERSION_FILE}.")
+            dest = re.search(r'--dest\s+"?([^"\s]+)', step)
+            if dest is None or not dest.group(1).rstrip("/").endswith(WHEELS_FOLDER):
+                self.error(f"The runtime wheel step in {MODULE_CMAKE} does not write to {WHEELS_FOLDER}.")
+            script = re.search(rf'"?([^"\s]*{re.escape(script_name)})"?', step).group(1)
+            script = script.replace("${CMAKE_CURRENT_SOURCE_DIR}", str(path.parent))
+            if not Path(script).is_file():
+                self.error(f"{MODULE_CMAKE} runs {script}, which is missing.")
+            for folder in self.package_folders():
+                if f"${{MPCL_SOURCE_ROOT}}/{folder}/" not in text:
+                    self.error(
+                        f"{MODULE_CMAKE} does not rebuild the runtime wheel when {folder}/ changes (a folder "
+                        "of pyproject.toml's package-dir)."
+                    )
+        if not any(
+            re.match(r"\s*\S+\s+ALL\b", body) and VERSION_FILE in body
+            for body in cmake_calls(text, "add_custom_target")
+        ):
+            self.error(f"{MODULE_CMAKE} does not build the runtime wheel by default (an ALL target).")
+        if not any(WHEELS_FOLDER in body for body in cmake_calls(text, "install")):
+            self.error(f"{MODULE_CMAKE} does not install the runtime wheel into {WHEELS_FOLDER}.")
+
+    def package_folders(self) -> list[str]:
+        """The source folders of pyproject.toml's [tool.setuptools] package-dir (the wheel's contents)."""
+        pyproject = self.root / "pyproject.toml"
+        if not pyproject.is_file():
+            return []
+        text = pyproject.read_text(encoding="utf-8")
+        match = re.search(r"^package-dir\s*=\s*\{([^}]*)\}", text, re.MULTILINE)
+        if not match:
+            return []
+        folders = re.findall(r'"[^"]+"\s*=\s*"([^"/]+)', match.group(1))
+        return sorted(set(folders))
 
     # -- the license -----------------------------------------------------------------------------------
     def check_license(self) -> None:

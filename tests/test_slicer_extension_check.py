@@ -27,7 +27,10 @@ FILES = (
     "plugins/slicer/CMakeLists.txt",
     "plugins/slicer/MPCLSegmentation/Resources/Icons/MPCLSegmentation.png",
     "plugins/slicer/Screenshots/1.png",
+    "plugins/slicer/MPCLSegmentation/CMakeLists.txt",
+    "plugins/slicer/Utilities/build_runtime_wheel.py",
 )
+MODULE_CMAKE = "plugins/slicer/MPCLSegmentation/CMakeLists.txt"
 ICON_URL = (
     "https://raw.githubusercontent.com/mpcl-project/mpcl/main/plugins/slicer/MPCLSegmentation/Resources/"
     "Icons/MPCLSegmentation.png"
@@ -186,6 +189,30 @@ DEFECTS = {
             json.dumps({"$schema": "x", "category": "Segmentation", "scm_url": "ftp://example.org/mpcl"})
         ),
         "must be an https:// or git:// address",
+    ),
+    "no runtime wheel step": (
+        lambda tree: _edit(tree / MODULE_CMAKE, "build_runtime_wheel.py", "something_else.py"),
+        "does not build the mpcl runtime wheel at build time",
+    ),
+    "runtime wheel script missing": (
+        lambda tree: (tree / "plugins/slicer/Utilities/build_runtime_wheel.py").unlink(),
+        "build_runtime_wheel.py, which is missing",
+    ),
+    "runtime wheel not built by default": (
+        lambda tree: _edit(tree / MODULE_CMAKE, "RuntimeWheel ALL DEPENDS", "RuntimeWheel DEPENDS"),
+        "does not build the runtime wheel by default",
+    ),
+    "runtime wheel not installed": (
+        lambda tree: _edit(tree / MODULE_CMAKE, "install(DIRECTORY", "message(STATUS"),
+        "does not install the runtime wheel into Resources/Wheels",
+    ),
+    "runtime wheel written elsewhere": (
+        lambda tree: _edit(tree / MODULE_CMAKE, 'Resources/Wheels")', 'Wheels")'),
+        "does not write to Resources/Wheels",
+    ),
+    "a package folder does not rebuild the wheel": (
+        lambda tree: _edit(tree / MODULE_CMAKE, '"${MPCL_SOURCE_ROOT}/export/*.py"', ""),
+        "when export/ changes",
     ),
     "entry with CRLF": (
         lambda tree: (tree / "plugins/slicer/MPCL.json").write_bytes(

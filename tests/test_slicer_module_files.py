@@ -209,5 +209,7 @@ def test_readme_documents_loading_and_building():
         "MPCL.json",
         "slicer-core",
         "selfTests['MPCLSegmentation']",
+        "Resources/Wheels",
+        "allowVersionMismatch",
     ):
         assert needle in text, f"README.md does not mention {needle!r}"

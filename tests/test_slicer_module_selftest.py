@@ -7,7 +7,8 @@ touches are stood in for here, and only those: the ScriptedLoadableModule base c
 (via Slicer's segmentation storage node) and, for the widget's runner, ``qt.QProcess``, emulated over
 ``subprocess`` with PythonQt's calling conventions (string signal signatures, QByteArray.data() bytes).
 The emulation checks the runner's own logic (line buffering, exit handling, kill on cancel); that it
-behaves the same under PythonQt is checked only in a real Slicer.
+behaves the same under PythonQt is checked only in a real Slicer. The runtime section's install and
+version-check code runs on stand-in widgets, pip and dialogs (``panel``), in the same sense.
 """
 
 from __future__ import annotations
@@ -236,3 +237,167 @@ def test_qprocess_runner_feeds_the_shared_parser_and_cancels(module):
     run.start()
     assert len(outcomes) == 1 and "Could not start" in outcomes[0].message
     logic.discard(job)
+
+
+def test_logic_refuses_a_runtime_of_another_version_unless_allowed(module, monkeypatch):
+    """The module knows its runtime version (here: this checkout's pyproject) and compares it with the
+    installed runtime's before segmenting: a mismatch is refused with one sentence naming both."""
+    check = module.runtimeCheck()
+    assert check.ok and check.expected == check.installed  # this checkout's runtime is installed
+    array, ijk_to_ras, truth = testdata.sample_volume()
+    volume = slicer.util.addVolumeFromArray(array, ijkToRAS=ijk_to_ras, name="sample")
+    logic = module.MPCLSegmentationLogic()
+    monkeypatch.setattr(module, "runtime_version", lambda: "0.0.1")
+    before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    for run in (
+        lambda: logic.process(volume, str(testdata.default_test_model()), device="cpu"),
+        lambda: logic.prepare(volume, str(testdata.default_test_model()), SegmentOptions(device="cpu")),
+    ):
+        with pytest.raises(module.SegmentationError) as raised:
+            run()
+        message = str(raised.value)
+        assert "0.0.1" in message and check.expected in message and "allowVersionMismatch=True" in message
+        assert message.count(". ") == 0 and message.endswith(".")  # one sentence
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before  # nothing ran
+
+    output = logic.process(
+        volume, str(testdata.default_test_model()), device="cpu", allowVersionMismatch=True
+    )
+    assert output.outcome.ok and output.voxel_counts["left ventricle"] == int((truth == 1).sum())
+
+
+class _Widget:
+    """A stand-in for one of the panel's Qt widgets: the properties and calls the widget code uses."""
+
+    def __init__(self) -> None:
+        self.text = self.currentText = self.currentPath = self.toolTip = self.style = ""
+        self.enabled, self.collapsed, self.items = True, True, []
+
+    def setStyleSheet(self, style) -> None:
+        self.style = style
+
+    def clear(self) -> None:
+        self.items = []
+
+    def addItems(self, items) -> None:
+        self.items = list(items)
+
+    def currentNode(self):
+        return None
+
+
+class _Ui:
+    def __init__(self) -> None:
+        self.widgets = {}
+
+    def __getattr__(self, name):
+        return self.__dict__["widgets"].setdefault(name, _Widget())
+
+
+@pytest.fixture
+def panel(module, monkeypatch, tmp_path):
+    """The module's widget on stand-in Qt widgets, in a built extension's folder whose Resources/Wheels
+    holds mpcl 0.1.0 (a file name is all the choice needs), with pip and the dialogs recorded."""
+    wheels = tmp_path / "extension" / "Resources" / "Wheels"
+    wheels.mkdir(parents=True)
+    (wheels / "mpcl-0.1.0-py3-none-any.whl").write_bytes(b"")
+    (wheels / "mpcl-0.1.0-cp312-cp312-linux_x86_64.whl").write_bytes(b"")
+    (wheels / "mpcl-0.0.1-py3-none-any.whl").write_bytes(b"")
+    (wheels / "mpcl-version.txt").write_text("0.1.0\n")
+    monkeypatch.setattr(module, "MODULE_DIR", str(wheels.parents[1]))
+    monkeypatch.setattr(module, "_setting", lambda key, default: default)
+    state = types.SimpleNamespace(installed=None, pip=[], asked=[], errors=[], answer=True, restart=[])
+
+    def pip_install(arguments):
+        state.pip.append(list(arguments))
+        state.installed = "0.1.0"  # what installing the bundled wheel leaves
+
+    def confirm(question, **kwargs):
+        state.asked.append(question)
+        return state.answer
+
+    monkeypatch.setattr(module, "runtime_version", lambda: state.installed)
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", confirm)
+    monkeypatch.setattr(
+        slicer.util, "confirmYesNoDisplay", lambda question, **kwargs: bool(state.asked.append(question))
+    )
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda message, **kwargs: state.errors.append(message))
+    monkeypatch.setattr(slicer.util, "restart", lambda: state.restart.append(True))
+    monkeypatch.setattr(slicer.util, "mainWindow", lambda: None)
+    monkeypatch.setattr(
+        slicer.util, "createProgressDialog", lambda **kwargs: types.SimpleNamespace(close=lambda: None)
+    )
+    monkeypatch.setattr(slicer.app, "processEvents", lambda: None, raising=False)
+    widget = module.MPCLSegmentationWidget.__new__(module.MPCLSegmentationWidget)
+    widget.ui, widget.run, widget.gpu, widget.logic = _Ui(), None, None, None
+    return widget, state, wheels
+
+
+def test_install_runtime_installs_the_bundled_wheel_file(panel):
+    widget, state, wheels = panel
+    widget.updateRuntimeStatus()
+    assert "mpcl-0.1.0-py3-none-any.whl" in widget.ui.runtimeStatusLabel.text  # says where it comes from
+    assert widget.ensureRuntime()
+    assert "mpcl-0.1.0-py3-none-any.whl" in state.asked[0] and "no download" in state.asked[0]
+    wheel = str(wheels / "mpcl-0.1.0-py3-none-any.whl")
+    assert state.pip == [[wheel, "--find-links", str(wheels)]]  # exactly that file, not another version
+    assert "0.1.0 installed" in widget.ui.statusLabel.text and not state.errors
+    assert "the version this module was built with" in widget.ui.runtimeStatusLabel.text
+
+    widget.onInstallRuntimeButton()  # the same version again: its files are replaced
+    assert state.pip[-1] == [wheel, "--find-links", str(wheels), "--force-reinstall", "--no-deps"]
+
+
+def test_a_mismatched_runtime_is_reported_at_start_and_refused_unless_confirmed(panel, module, monkeypatch):
+    widget, state, wheels = panel
+    state.installed = "0.0.2"
+    widget.updateRuntimeStatus()  # what setup() does when the module starts
+    for text in (widget.ui.runtimeStatusLabel.text, widget.ui.statusLabel.text):
+        assert "0.0.2" in text and "0.1.0" in text and "reinstall" in text
+    assert (
+        widget.ui.statusLabel.style == module.ERROR_STYLE and not widget.ui.runtimeCollapsibleButton.collapsed
+    )
+    assert widget.ui.installRuntimeButton.text == "Reinstall mpcl runtime 0.1.0"
+
+    clicked = {}
+
+    class _MessageBox:
+        Warning, AcceptRole, DestructiveRole, Cancel = 2, 0, 2, 0x400000
+
+        def __init__(self, parent=None) -> None:
+            self.buttons = []
+
+        def setWindowTitle(self, title) -> None:
+            pass
+
+        def setIcon(self, icon) -> None:
+            pass
+
+        def setText(self, text) -> None:
+            clicked["text"] = text
+
+        def addButton(self, button, role=None):
+            self.buttons.append(button)
+            return button
+
+        def exec_(self) -> None:
+            pass
+
+        def clickedButton(self):
+            return next(b for b in self.buttons if isinstance(b, str) and b.startswith(clicked["choice"]))
+
+    monkeypatch.setattr(module.qt, "QMessageBox", _MessageBox, raising=False)
+    clicked["choice"] = "Segment with mpcl 0.0.2"
+    assert widget.confirmRuntimeVersion() and state.pip == []  # the user chose to run anyway
+    assert "0.0.2" in clicked["text"] and "0.1.0" in clicked["text"]
+
+    _MessageBox.clickedButton = lambda self: self.buttons[-1]  # Cancel
+    assert not widget.confirmRuntimeVersion()
+    assert widget.ui.statusLabel.text.startswith("Segmenting was not started") and state.pip == []
+
+    clicked["choice"] = "Reinstall mpcl 0.1.0"
+    _MessageBox.clickedButton = lambda self: next(b for b in self.buttons if b == clicked["choice"])
+    assert widget.confirmRuntimeVersion()  # reinstalled: now the versions match
+    assert state.pip == [[str(wheels / "mpcl-0.1.0-py3-none-any.whl"), "--find-links", str(wheels)]]
+    assert any("Restart Slicer now?" in question for question in state.asked)  # mpcl 0.0.2 was loaded here

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import qt
 import slicer
@@ -25,11 +26,15 @@ from MPCLSegmentationLib.process import (
     terminate_tree,
 )
 from MPCLSegmentationLib.runtime import (
-    default_requirement,
+    VersionCheck,
+    expected_version,
     gpu_support,
     offered_devices,
+    pip_arguments,
     python_supported,
+    runtime_source,
     runtime_version,
+    same_version,
     unsupported_python_message,
 )
 from slicer.i18n import tr as _
@@ -44,6 +49,7 @@ from slicer.util import VTKObservationMixin
 
 SETTINGS_PREFIX = "MPCLSegmentation/"
 ERROR_STYLE = "color: #c0392b;"
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _setting(key: str, default):
@@ -52,6 +58,18 @@ def _setting(key: str, default):
 
 def _set_setting(key: str, value) -> None:
     qt.QSettings().setValue(SETTINGS_PREFIX + key, value)
+
+
+def runtimeCheck() -> VersionCheck:
+    """The installed mpcl runtime's version against the one this module was built with (its build's
+    record in Resources/Wheels, or the source checkout's pyproject.toml)."""
+    return VersionCheck(expected_version(MODULE_DIR), runtime_version())
+
+
+def runtimeSource():
+    """Where "Install runtime" installs from: the PipRequirement setting if the user set one, else the
+    wheel bundled with this extension, else the source checkout, else the package index."""
+    return runtime_source(MODULE_DIR, _setting("PipRequirement", ""))
 
 
 #
@@ -200,23 +218,32 @@ class MPCLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not running
 
     def updateRuntimeStatus(self) -> None:
+        """The runtime section: installed or not, and whether it is the version this module was built with."""
         if not python_supported():
             self.ui.runtimeStatusLabel.text = unsupported_python_message()
             self.ui.runtimeStatusLabel.setStyleSheet(ERROR_STYLE)
             self.ui.installRuntimeButton.enabled = False
             self.ui.runtimeCollapsibleButton.collapsed = False
             return
-        version = runtime_version()
-        if version:
-            message = _("mpcl {version} is installed; inference runs with {python}.")
-            self.ui.runtimeStatusLabel.text = message.format(version=version, python=find_python_slicer())
-            self.ui.runtimeStatusLabel.setStyleSheet("")
-            self.ui.installRuntimeButton.text = _("Reinstall / update mpcl runtime")
+        check = runtimeCheck()
+        if check.installed:
+            message = _("{check} Inference runs with {python}.")
+            self.ui.runtimeStatusLabel.text = message.format(check=check.message, python=find_python_slicer())
+            self.ui.runtimeStatusLabel.setStyleSheet(ERROR_STYLE if check.mismatch else "")
+            self.ui.installRuntimeButton.text = (
+                _("Reinstall mpcl runtime {version}").format(version=check.expected)
+                if check.mismatch
+                else _("Reinstall / update mpcl runtime")
+            )
+            if check.mismatch:  # said when the module starts, not only when segmenting
+                self.ui.runtimeCollapsibleButton.collapsed = False
+                self.showStatus(check.message, error=True)
         else:
             self.ui.runtimeStatusLabel.text = _(
-                "The mpcl runtime is not installed in Slicer's Python. It is installed with pip the first "
-                "time you segment (or now, with the button below)."
-            )
+                "The mpcl runtime is not installed in Slicer's Python. It is installed from {source} the "
+                "first time you segment (or now, with the button below)."
+            ).format(source=runtimeSource().description)
+            self.ui.runtimeStatusLabel.setStyleSheet("")
             self.ui.runtimeCollapsibleButton.collapsed = False
 
     def onModelPathChanged(self, path) -> None:
@@ -260,24 +287,37 @@ class MPCLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         if runtime_version():
             return True
-        requirement = _setting("PipRequirement", default_requirement(os.path.dirname(__file__)))
+        source = runtimeSource()
+        if source.kind == "wheel":
+            download = _(
+                "mpcl itself needs no download; its dependencies (ONNX Runtime, nibabel) are downloaded "
+                "unless Slicer's Python already has them."
+            )
+        else:
+            download = _("This downloads a few tens of MB and may take a few minutes.")
         question = _(
             "MPCL Segmentation needs the mpcl runtime (with ONNX Runtime and SimpleITK) in Slicer's "
-            "Python. Install it now with pip ('{requirement}')? This downloads a few tens of MB and may "
-            "take a few minutes."
-        ).format(requirement=requirement)
+            "Python. Install it now with pip from {source}? {download}"
+        ).format(source=source.description, download=download)
         if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Install mpcl runtime")):
             self.showStatus(_("The mpcl runtime is not installed; nothing was run."), error=True)
             return False
         return self.installRuntime(upgrade=False)
 
     def installRuntime(self, upgrade: bool) -> bool:
-        """pip-install (or upgrade) the runtime from the configured source; errors go to the panel."""
+        """pip-install (or reinstall) the runtime: the bundled wheel, else the source checkout, else the
+        package index (or the source set in the PipRequirement setting); errors go to the panel."""
         if not python_supported():
             self.showError(unsupported_python_message())
             return False
-        requirement = _setting("PipRequirement", default_requirement(os.path.dirname(__file__)))
-        self.showStatus(_("Installing {requirement} with pip...").format(requirement=requirement))
+        source = runtimeSource()
+        before = runtime_version()
+        loaded = "mpcl" in sys.modules  # this Slicer imported mpcl already (the model information)
+        arguments = pip_arguments(source, before, upgrade)
+        self.showStatus(
+            _("Installing the mpcl runtime from {source} with pip...").format(source=source.description)
+        )
+        logging.info("MPCLSegmentation: pip install %s", " ".join(arguments))
         dialog = slicer.util.createProgressDialog(
             labelText=_("Installing the mpcl runtime, please wait..."),
             maximum=0,
@@ -285,35 +325,91 @@ class MPCLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         slicer.app.processEvents()
         try:
-            # A list keeps a path with spaces in one argument.
-            slicer.util.pip_install(["--upgrade", requirement] if upgrade else [requirement])
+            slicer.util.pip_install(arguments)  # a list keeps a path with spaces in one argument
         except Exception as error:  # pip failures come as CalledProcessError, network errors as OSError
+            hint = (
+                _("The package index is needed for this source: check the network connection. ")
+                if source.needs_index
+                else ""
+            )
             self.showError(
                 _(
-                    "Installing the mpcl runtime failed ({error}). Check the network connection, or install "
-                    "it from the Python console with slicer.util.pip_install('{requirement}') to see pip's "
-                    "full output. A different package source (a wheel file or a folder) can be set in the "
-                    "Slicer setting {key}."
-                ).format(error=error, requirement=requirement, key=SETTINGS_PREFIX + "PipRequirement")
+                    "Installing the mpcl runtime from {source} failed ({error}). {hint}Install it from the "
+                    "Python console with slicer.util.pip_install({arguments}) to see pip's full output. A "
+                    "different package source (a wheel file or a folder) can be set in the Slicer setting "
+                    "{key}."
+                ).format(
+                    source=source.description,
+                    error=error,
+                    hint=hint,
+                    arguments=arguments,
+                    key=SETTINGS_PREFIX + "PipRequirement",
+                )
             )
             return False
         finally:
             dialog.close()
         self.updateRuntimeStatus()
-        if not runtime_version():
+        after = runtime_version()
+        if not after:
             self.showError(_("pip finished but mpcl still cannot be imported; restart Slicer and try again."))
             return False
-        self.showStatus(_("mpcl {version} installed.").format(version=runtime_version()))
+        check = runtimeCheck()
+        self.showStatus(
+            _("mpcl {version} installed.").format(version=after) if check.ok else check.message,
+            error=not check.ok,
+        )
         self.updateDevices()
+        if loaded and before and not same_version(before, after):
+            question = _(
+                "mpcl {version} is installed. Segmenting uses it from now on (it runs in a new process), but "
+                "this Slicer still has mpcl {old} loaded for the module panel. Restart Slicer now?"
+            ).format(version=after, old=before)
+            if slicer.util.confirmYesNoDisplay(question, windowTitle=_("MPCL Segmentation")):
+                slicer.util.restart()
         self.onModelPathChanged(self.ui.modelPathLineEdit.currentPath)
         return True
 
     def onInstallRuntimeButton(self) -> None:
         self.installRuntime(upgrade=bool(runtime_version()))
 
+    def confirmRuntimeVersion(self) -> bool:
+        """True when segmenting may go ahead: the runtime is the module's version, or the user chose to
+        reinstall it (and now it is) or to run with the other version anyway."""
+        check = runtimeCheck()
+        if not check.mismatch:
+            return True
+        if slicer.util.toBool(_setting("AllowVersionMismatch", False)):
+            logging.warning(
+                "MPCLSegmentation: %s (allowed by the AllowVersionMismatch setting)", check.message
+            )
+            return True
+        self.showStatus(check.refusal, error=True)
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle(_("MPCL Segmentation"))
+        box.setIcon(qt.QMessageBox.Warning)
+        box.setText(check.refusal)
+        reinstall = box.addButton(
+            _("Reinstall mpcl {version}").format(version=check.expected), qt.QMessageBox.AcceptRole
+        )
+        anyway = box.addButton(
+            _("Segment with mpcl {version}").format(version=check.installed), qt.QMessageBox.DestructiveRole
+        )
+        box.addButton(qt.QMessageBox.Cancel)
+        box.exec_()
+        if box.clickedButton() == anyway:
+            logging.warning("MPCLSegmentation: segmenting with a mismatched runtime: %s", check.message)
+            return True
+        if box.clickedButton() == reinstall and self.installRuntime(upgrade=True):
+            check = runtimeCheck()
+            if check.ok:
+                return True
+            self.showError(check.refusal)
+        return False
+
     # -- running ----------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
-        if self.run is not None or not self.ensureRuntime():
+        if self.run is not None or not self.ensureRuntime() or not self.confirmRuntimeVersion():
             return
         self.saveSettings()
         try:
@@ -324,7 +420,10 @@ class MPCLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 uncertainty=self.ui.uncertaintyCheckBox.checked,
             )
             job = self.logic.prepare(
-                self.ui.inputVolumeSelector.currentNode(), self.ui.modelPathLineEdit.currentPath, options
+                self.ui.inputVolumeSelector.currentNode(),
+                self.ui.modelPathLineEdit.currentPath,
+                options,
+                allowVersionMismatch=True,  # confirmRuntimeVersion asked
             )
         except (SegmentationError, ValueError, OSError) as error:
             self.showError(str(error))
@@ -490,7 +589,20 @@ class MPCLSegmentationLogic(ScriptedLoadableModuleLogic):
             work_root=os.path.join(slicer.app.temporaryPath, "MPCLSegmentation"),
         )
 
-    def prepare(self, volumeNode, modelPath: str, options: SegmentOptions) -> SegmentationJob:
+    def checkRuntime(self, allowVersionMismatch: bool = False) -> VersionCheck:
+        """Refuse (SegmentationError, one sentence naming both versions) when the installed runtime is
+        not the version this module was built with, unless ``allowVersionMismatch``."""
+        check = runtimeCheck()
+        if check.mismatch:
+            if not allowVersionMismatch:
+                raise SegmentationError(check.refusal_message("pass allowVersionMismatch=True"))
+            logging.warning("MPCLSegmentation: %s", check.message)
+        return check
+
+    def prepare(
+        self, volumeNode, modelPath: str, options: SegmentOptions, allowVersionMismatch: bool = False
+    ) -> SegmentationJob:
+        self.checkRuntime(allowVersionMismatch)
         return self.segmenter().prepare(volumeNode, modelPath, options)
 
     def finish(self, job: SegmentationJob, outcome: RunOutcome, segmentationNode=None, show3D: bool = True):
@@ -509,8 +621,14 @@ class MPCLSegmentationLogic(ScriptedLoadableModuleLogic):
         uncertainty: bool = False,
         segmentationNode=None,
         show3D: bool = True,
+        allowVersionMismatch: bool = False,
     ) -> SegmentationOutput:
-        """Segment ``volumeNode`` and wait (the GUI is not refreshed meanwhile; the widget does not wait)."""
+        """Segment ``volumeNode`` and wait (the GUI is not refreshed meanwhile; the widget does not wait).
+
+        Refused when the installed mpcl runtime is not the version this module was built with, unless
+        ``allowVersionMismatch``.
+        """
+        self.checkRuntime(allowVersionMismatch)
         options = SegmentOptions(device=device, backend=backend, tta=tta, uncertainty=uncertainty)
         output = self.segmenter().segment(volumeNode, modelPath, options, segmentationNode, show3D)
         logging.info("MPCLSegmentation: %s", output.outcome.message)
