@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpcl.nn.checkpoint import load_checkpoint
 from mpcl.training.batchnorm import batch_norm_layers, recalibrate_batch_norm, sample_slices
-from mpcl.training.checkpoint import load_checkpoint
 from mpcl.training.config import AugmentConfig
 from mpcl.training.data.augment import weak_view
 from mpcl.training.data.loading import load_data

@@ -301,7 +301,7 @@ def benchmark(args) -> dict:
     import triton
 
     from mpcl.kernels.reference import normalization_affine
-    from mpcl.training.networks.unet import UNet
+    from mpcl.nn.unet import UNet
 
     device = "cpu" if args.smoke else "cuda"
     torch.manual_seed(0)

@@ -69,8 +69,8 @@ def make_default_package(folder: Path) -> Path:
     import torch
 
     from mpcl.export.pipeline import write_model_package
-    from mpcl.training.checkpoint import build_metadata, save_checkpoint
-    from mpcl.training.networks.unet import UNet
+    from mpcl.nn.checkpoint import build_metadata, save_checkpoint
+    from mpcl.nn.unet import UNet
 
     config = {"data": {"patch_size": [256, 256]}, "model": {"channels": [16, 32, 64, 128, 256]}}
     metadata = build_metadata(config, ["background", "RV", "myocardium", "LV"], {"scheme": "minmax"}, "none")

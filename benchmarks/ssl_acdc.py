@@ -203,7 +203,7 @@ def run_one(
 
     import torch
 
-    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.nn.checkpoint import load_checkpoint
     from mpcl.training.data.loading import load_data
     from mpcl.training.evaluate import evaluate_volumes
     from mpcl.training.trainer import Trainer, inference_model_from_checkpoint

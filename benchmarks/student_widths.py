@@ -49,8 +49,8 @@ def time_student(widths: list[int], batch: np.ndarray, threads: int, repeats: in
 
     from mpcl.backends.onnxruntime_backend import session_options
     from mpcl.export.onnx_export import export_onnx
-    from mpcl.export.student import fold_batch_norm
-    from mpcl.training.networks.unet import UNet
+    from mpcl.nn.folding import fold_batch_norm
+    from mpcl.nn.unet import UNet
 
     network = fold_batch_norm(UNet(1, 4, widths, [0.0] * len(widths)))
     path = scratch / ("student_" + "_".join(map(str, widths)) + ".onnx")

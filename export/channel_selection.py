@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mpcl.errors import ConfigError
-from mpcl.training.networks.unet import ConvBlock, UNet, UpBlock
+from mpcl.nn.unet import ConvBlock, UNet, UpBlock
 
 
 def top_channels(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """``mpcl-export``: a trained checkpoint (or a model package) in, a checked deployment package out.
 
-Exit codes follow ``mpcl-segment``: 0 everything asked for was written; 1 the package was written but an
-artefact asked for (int8, fp16, bf16, TensorRT) was refused by its check and left out; 2 nothing was written
-(bad input, a missing optional dependency, or the deployment student / fp32 ONNX graph failed its check),
-with one sentence saying why.
+Exit codes are those of every command (``mpcl.cli_common``): 0 everything asked for was written; 1 the
+package was written but an artefact asked for (int8, fp16, bf16, TensorRT) was refused by its check and
+left out; 2 nothing was written (bad input, a missing optional dependency, or the deployment student /
+fp32 ONNX graph failed its check), with one sentence saying why; 130/143 interrupted (Ctrl-C/SIGTERM),
+nothing written.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ from pathlib import Path
 
 import click
 
-from mpcl.training.cli import _friendly_errors
+from mpcl.cli_common import (
+    CONTEXT_SETTINGS,
+    friendly_errors,
+    no_progress_option,
+    threads_option,
+    version_option,
+)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Model package folder.")
 @click.option("--onnx", is_flag=True, help="fp32 ONNX graph (opset 17), parity-checked against torch.")
@@ -78,7 +85,7 @@ from mpcl.training.cli import _friendly_errors
     show_default=True,
     help="Largest batch of slices in the engine's optimisation profile.",
 )
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads for the checks.")
+@threads_option("CPU threads for the ONNX Runtime and OpenVINO checks (default: all cores).")
 @click.option(
     "--largest-component",
     "largest_component",
@@ -98,8 +105,9 @@ from mpcl.training.cli import _friendly_errors
 )
 @click.option("--name", default="", help="Package name in model.json (default: the folder name).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model package.")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@_friendly_errors
+@no_progress_option()
+@version_option()
+@friendly_errors
 def export_main(
     source,
     output,

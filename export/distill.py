@@ -27,12 +27,12 @@ from tqdm import tqdm
 from mpcl.errors import ConfigError
 from mpcl.export.channel_selection import init_from_teacher_channels
 from mpcl.export.parity import mean_dice
-from mpcl.export.student import fold_batch_norm
+from mpcl.nn.folding import fold_batch_norm
+from mpcl.nn.unet import UNet
 from mpcl.training.config import AugmentConfig, dataclass_from_dict, read_yaml
 from mpcl.training.data.base import SegmentationData
 from mpcl.training.data.batches import BatchFactory, prefetch
 from mpcl.training.losses.dice import soft_dice_loss
-from mpcl.training.networks.unet import UNet
 from mpcl.training.trainer import poly_lr, select_device
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mpcl.errors import InputError
-from mpcl.io import _UMASK
+from mpcl.io import follow_umask
 from mpcl.model_package import (
     MODEL_JSON,
     ModelPackage,
@@ -25,7 +25,7 @@ from mpcl.model_package import (
     sha256_of,
     write_model_json,
 )
-from mpcl.training.checkpoint import load_checkpoint, save_checkpoint
+from mpcl.nn.checkpoint import load_checkpoint, save_checkpoint
 
 SLIM_KEYS = ("iteration", "student", "metadata", "config")
 POSTPROCESSING_KEYS = ("largest_component", "fill_holes")
@@ -115,7 +115,7 @@ class PackageStage:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.root = Path(tempfile.mkdtemp(prefix=".tmp-package-", dir=out_dir.parent))
-        os.chmod(self.root, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; a package follows the umask
+        follow_umask(self.root, 0o777)  # mkdtemp makes 0700 folders; a package follows the umask
         self.data = dict(model_json)
         self.data.setdefault("files", {})
 

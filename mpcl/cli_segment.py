@@ -1,97 +1,172 @@
 """``mpcl-segment``: segment scans from the command line with a model package.
 
-    mpcl-segment scan.nii.gz -o scan_seg.nii.gz --model runs/acdc/model
-    mpcl-segment cases/*.nii.gz dicom_folder/ -o out/ --model runs/acdc/model --tta --uncertainty
+    mpcl-segment scan.nii.gz -o scan_seg.nii.gz --model runs/quickstart/model
+    mpcl-segment cases/*.nii.gz dicom_folder/ -o out/ --model runs/quickstart/model --tta --uncertainty
 
 One line per case goes to stdout (``[i/n] done NAME -> PATH (s)`` or ``[i/n] failed NAME: reason``),
 so a parent process such as the 3D Slicer module can follow a batch; logs go to stderr. A case that fails
 leaves nothing on disk and the others still run. Exit codes: 0 all written, 1 some case failed,
 2 nothing was run (bad model package, arguments, or outputs that already exist without --overwrite),
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, handled like Ctrl-C: the case being written leaves
-nothing behind). argparse only, so the runtime needs no extra dependency.
+nothing behind). A click command like the other entry points (:mod:`mpcl.cli_common`); it imports
+the runtime only, so it runs without torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import mpcl
+import click
+
 from mpcl.backends import BACKEND_NAMES
+from mpcl.cli_common import (
+    CONTEXT_SETTINGS,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING_DONE,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    POSITIVE_INT,
+    PRECISION_CHOICES,
+    Terminated,
+    interrupt_exit_code,
+    sigterm_as_interrupt,
+    threads_option,
+    version_option,
+)
 from mpcl.errors import MPCLError
 
 FORMATS = ("nii.gz", "nii", "nrrd", "mha", "seg.nrrd")
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is so that temporaries are removed as for Ctrl-C."""
+__all__ = ["FORMATS", "SegmentArgs", "Terminated", "parse_args", "segment_command", "segment_main"]
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+@dataclass
+class SegmentArgs:
+    """The parsed command line (:func:`parse_args`)."""
+
+    inputs: list[str]
+    output: str
+    model: str
+    backend: str
+    device: str
+    precision: str
+    tta: bool
+    probabilities: bool
+    uncertainty: bool
+    fmt: str
+    overwrite: bool
+    series: str | None
+    allow_slice_gaps: bool
+    batch_size: int
+    threads: int | None
+    no_postprocess: bool
+    quiet: bool
 
 
-def _positive_int(text: str) -> int:
+@click.command(
+    "mpcl-segment",
+    context_settings=CONTEXT_SETTINGS,
+    help="Segment scans (NIfTI/NRRD/MHA files or DICOM folders) with an MPCL model package.",
+)
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="Output file (one input, with an image suffix) or folder (outputs named <case>.<format>).",
+)
+@click.option("--model", required=True, help="Model package folder (holding model.json).")
+@click.option("--backend", type=click.Choice(("auto", *BACKEND_NAMES)), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISION_CHOICES),
+    default="auto",
+    show_default=True,
+    help="auto = the fastest checked variant the package has for the device (OpenVINO: bf16, then "
+    "int8; ONNX Runtime: int8 on CPU, fp16 on CUDA), else fp32; bf16 runs on OpenVINO only.",
+)
+@click.option("--tta", is_flag=True, help="Average over flipped copies (4x slower).")
+@click.option("--probabilities", is_flag=True, help="Also write <case>_probabilities.")
+@click.option("--uncertainty", is_flag=True, help="Also write <case>_uncertainty (entropy).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="nii.gz",
+    show_default=True,
+    help="Output format in folder mode.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace outputs that already exist.")
+@click.option("--series", help="DICOM series instance UID, for folders holding several series.")
+@click.option(
+    "--allow-slice-gaps",
+    is_flag=True,
+    help="Accept a DICOM series whose slices are unevenly spaced (a missing file): its slices are "
+    "then stacked at one spacing, as ITK reads them.",
+)
+@click.option(
+    "--batch-size", type=POSITIVE_INT, default=8, show_default=True, help="Slices per network call."
+)
+@threads_option("CPU threads for the backend (default: all cores).")
+@click.option("--no-postprocess", is_flag=True, help="Skip the package's post-processing.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the per-case lines and errors.")
+@version_option()
+@click.pass_obj
+def segment_command(outcome: list[int] | None, **options) -> int:
+    """The command; :func:`segment_main` runs it and turns its result into the exit code."""
+    args = SegmentArgs(**{**options, "inputs": list(options["inputs"])})
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
+        with sigterm_as_interrupt():
+            code = _run(args)
+    except KeyboardInterrupt as stop:  # before or between cases: nothing is half-written
+        print("Interrupted.", file=sys.stderr, flush=True)
+        code = interrupt_exit_code(stop)
+    if outcome is not None:
+        outcome.append(code)
+    return code
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mpcl-segment",
-        description="Segment scans (NIfTI/NRRD/MHA files or DICOM folders) with an MPCL model package.",
-    )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or DICOM series folders")
-    parser.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        help="output file (one input, with an image suffix) or folder (outputs named <case>.<format>)",
-    )
-    parser.add_argument("--model", required=True, help="model package folder (holding model.json)")
-    parser.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES))
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "fp16", "int8", "bf16"),
-        help="auto = the fastest checked variant the package has for the device (OpenVINO: bf16, then "
-        "int8; ONNX Runtime: int8 on CPU, fp16 on CUDA), else fp32; bf16 runs on OpenVINO only",
-    )
-    parser.add_argument("--tta", action="store_true", help="average over flipped copies (4x slower)")
-    parser.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities")
-    parser.add_argument("--uncertainty", action="store_true", help="also write <case>_uncertainty (entropy)")
-    parser.add_argument("--format", default="nii.gz", choices=FORMATS, help="output format in folder mode")
-    parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
-    parser.add_argument("--series", help="DICOM series instance UID, for folders holding several series")
-    parser.add_argument(
-        "--allow-slice-gaps",
-        action="store_true",
-        help="accept a DICOM series whose slices are unevenly spaced (a missing file): its slices are "
-        "then stacked at one spacing, as ITK reads them",
-    )
-    parser.add_argument(
-        "--batch-size", type=_positive_int, default=8, help="slices per network call (default 8)"
-    )
-    parser.add_argument(
-        "--threads", type=_positive_int, help="CPU threads for the backend (default: all cores)"
-    )
-    parser.add_argument("--no-postprocess", action="store_true", help="skip the package's post-processing")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only the per-case lines and errors")
-    parser.add_argument("--version", action="version", version=f"mpcl {mpcl.__version__}")
-    return parser
+def parse_args(argv: Sequence[str]) -> SegmentArgs:
+    """The command line ``argv`` as :func:`segment_main` would read it, without running anything (for
+    callers that build mpcl-segment command lines, such as the Slicer module); bad arguments raise
+    click's UsageError/BadParameter."""
+    with segment_command.make_context("mpcl-segment", [str(arg) for arg in argv]) as ctx:
+        options = dict(ctx.params)
+    return SegmentArgs(**{**options, "inputs": list(options["inputs"])})
+
+
+def segment_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mpcl-segment``: the exit code, returned when ``argv`` is given and passed to
+    ``sys.exit`` when it is None (the console script). Bad arguments, ``--help`` and ``--version``
+    exit (SystemExit, code 2 or 0) before anything runs, whichever way it is called."""
+    outcome: list[int] = []
+    args = None if argv is None else [str(arg) for arg in argv]
+    try:
+        segment_command.main(args, prog_name="mpcl-segment", standalone_mode=False, obj=outcome)
+    except click.ClickException as error:  # bad arguments: the usage and one sentence, nothing run
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:  # Ctrl-C while the arguments were read
+        print("Interrupted.", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if not outcome:  # --help or --version: printed, nothing to run
+        sys.exit(EXIT_OK)
+    code = outcome[0]
+    if argv is None:
+        sys.exit(code)
+    return code
 
 
 def _targets(inputs: Sequence[str], output: str, fmt: str) -> list[Path]:
@@ -121,35 +196,12 @@ def _emit(line: str) -> None:
     print(line, flush=True)
 
 
-def segment_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mpcl-segment``; returns (and exits with) the exit code."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    try:
-        code = _run(args)
-    except KeyboardInterrupt as stop:  # before or between cases: nothing is half-written
-        print("Interrupted.", file=sys.stderr, flush=True)
-        code = 143 if isinstance(stop, Terminated) else 130
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    if argv is None:
-        sys.exit(code)
-    return code
-
-
-def _run(args: argparse.Namespace) -> int:
+def _run(args: SegmentArgs) -> int:
     from mpcl.inputs import case_name, dicom_series_image
     from mpcl.segmenter import Segmenter, output_paths, refuse_existing, refuse_input_as_output
 
     try:
-        targets = _targets(args.inputs, args.output, args.format)
+        targets = _targets(args.inputs, args.output, args.fmt)
         for source, target in zip(args.inputs, targets, strict=True):
             paths = output_paths(target, args.probabilities, args.uncertainty).values()
             refuse_input_as_output(source, paths)
@@ -166,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     except MPCLError as error:
         print(f"Error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_NOTHING_DONE
     total, failures = len(targets), 0
     for index, (source, target) in enumerate(zip(args.inputs, targets, strict=True), 1):
         started = time.perf_counter()
@@ -189,14 +241,14 @@ def _run(args: argparse.Namespace) -> int:
             continue
         except KeyboardInterrupt as stop:
             _emit(f"[{index}/{total}] interrupted {source}; nothing was written for it")
-            return 143 if isinstance(stop, Terminated) else 130
+            return interrupt_exit_code(stop)
         extras = "".join(f", {key} {path}" for key, path in written.items() if key != "segmentation")
         _emit(
             f"[{index}/{total}] done {result.name if image is source else case_name(source)} -> "
             f"{written['segmentation']}{extras} "
             f"({time.perf_counter() - started:.2f} s, {segmenter.backend.name})"
         )
-    return 1 if failures else 0
+    return EXIT_PARTIAL if failures else EXIT_OK
 
 
 if __name__ == "__main__":

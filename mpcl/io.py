@@ -34,6 +34,15 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+def follow_umask(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """Give ``path`` the permissions a plain ``open()`` (``mode`` 0o666) or ``mkdir()`` (0o777) would have
+    given it under the process umask. ``tempfile.mkstemp``/``mkdtemp`` make 0600 files and 0700
+    folders; an output written through one and renamed into place should look like any other output."""
+    os.chmod(path, mode & ~_UMASK)
+
+
 TEMPORARY_PREFIX = ".mpcl-partial-"
 # How a failed write is told to a person: the errno's meaning in the words of someone saving a file.
 _WRITE_FAILURES = {
@@ -180,7 +189,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     os.close(handle)
     temporary_path = Path(temporary)
     try:
-        os.chmod(temporary_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs follow the umask
+        follow_umask(temporary_path)  # mkstemp makes 0600 files; outputs follow the umask
         yield temporary_path
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))

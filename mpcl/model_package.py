@@ -217,7 +217,7 @@ def build_model_json(
     colors: Mapping[str, tuple[int, int, int]] | None = None,
     postprocessing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """model.json content from checkpoint metadata (``mpcl.training.checkpoint.build_metadata``).
+    """model.json content from checkpoint metadata (``mpcl.nn.checkpoint.build_metadata``).
 
     ``files`` maps a role (``FILE_ROLES``) to ``{"path": relative name, "sha256": ..., ...}``;
     ``postprocessing`` is ``{"largest_component": [class names] or true, "fill_holes": [...] or true}``.

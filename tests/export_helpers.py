@@ -29,12 +29,12 @@ def train_tiny_checkpoint(folder: Path, steps: int = 60, seed: int = 0) -> Path:
     """Full-batch Adam on the labelled phantom slices: a network with clearly non-zero Dice, quickly."""
     import torch
 
+    from mpcl.nn.checkpoint import build_metadata, save_checkpoint
+    from mpcl.nn.projection import ProjectionHead
     from mpcl.preprocessing import resize_2d
-    from mpcl.training.checkpoint import build_metadata, save_checkpoint
     from mpcl.training.config import config_from_dict
     from mpcl.training.data.loading import load_data
     from mpcl.training.losses.dice import ce_dice_loss
-    from mpcl.training.networks.projection import ProjectionHead
     from mpcl.training.trainer import build_network
 
     config = config_from_dict(tiny_export_config(folder))

@@ -41,8 +41,8 @@ def make_checkpoint(
     """A training-format checkpoint of a tiny, randomly initialised U-Net (BN statistics made non-trivial)."""
     import torch
 
-    from mpcl.training.checkpoint import build_metadata, save_checkpoint
-    from mpcl.training.networks.unet import UNet
+    from mpcl.nn.checkpoint import build_metadata, save_checkpoint
+    from mpcl.nn.unet import UNet
 
     names = list(class_names or CLASS_NAMES)
     config = {

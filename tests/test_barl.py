@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mpcl.errors import ConfigError
+from mpcl.nn.unet import UNet
 from mpcl.training.config import config_from_dict
 from mpcl.training.data.loading import load_data
 from mpcl.training.losses.barl_alignment import (
@@ -27,7 +28,6 @@ from mpcl.training.methods import StepInfo, build_method
 from mpcl.training.methods.barl import BranchAverage, cutmix, cutmix_boxes, mixed_views
 from mpcl.training.methods.base import StageSwitch
 from mpcl.training.methods.bcp import copy_paste_step
-from mpcl.training.networks import UNet
 from mpcl.training.trainer import Trainer, inference_model_from_checkpoint
 from tests.conftest import straight_and_resumed, tiny_config_dict
 

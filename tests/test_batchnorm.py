@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mpcl.errors import ConfigError
+from mpcl.nn.unet import UNet
 from mpcl.training.batchnorm import batch_norm_layers, recalibrate_batch_norm, sample_slices
-from mpcl.training.networks import UNet
 
 
 def _slices(count: int, seed: int = 0) -> list[np.ndarray]:

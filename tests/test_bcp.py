@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mpcl.errors import ConfigError
-from mpcl.training.checkpoint import load_checkpoint
+from mpcl.nn.checkpoint import load_checkpoint
 from mpcl.training.config import config_from_dict
 from mpcl.training.data.batches import Batch
 from mpcl.training.data.loading import load_data

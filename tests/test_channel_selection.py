@@ -8,7 +8,7 @@ from torch import nn
 
 from mpcl.errors import ConfigError
 from mpcl.export.channel_selection import init_from_teacher_channels, top_channels
-from mpcl.training.networks.unet import UNet
+from mpcl.nn.unet import UNet
 
 NARROW, WIDE = [2, 3, 4, 5, 6], [4, 5, 6, 8, 9]
 

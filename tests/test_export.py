@@ -16,14 +16,15 @@ from tests.segment_helpers import CLASS_NAMES, PATCH, make_checkpoint
 
 @pytest.fixture(scope="module")
 def tiny_state(tmp_path_factory):
-    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.nn.checkpoint import load_checkpoint
 
     return load_checkpoint(make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", seed=3))
 
 
 @pytest.fixture(scope="module")
 def folded_pair(tiny_state):
-    from mpcl.export.student import fold_batch_norm, stripped_student
+    from mpcl.export.student import stripped_student
+    from mpcl.nn.folding import fold_batch_norm
 
     reference, spec = stripped_student(tiny_state)
     return reference, fold_batch_norm(reference), spec
@@ -47,7 +48,7 @@ def test_batch_norm_folding_is_exact_and_removes_every_bn(folded_pair):
 
 
 def test_folded_weights_load_into_the_network_model_json_describes(folded_pair):
-    from mpcl.export.student import build_network_from_spec, deployment_spec
+    from mpcl.nn.spec import build_network_from_spec, deployment_spec
 
     reference, folded, spec = folded_pair
     rebuilt = build_network_from_spec(deployment_spec(spec), 1, len(CLASS_NAMES))
@@ -59,7 +60,7 @@ def test_folded_weights_load_into_the_network_model_json_describes(folded_pair):
 
 def test_unknown_batch_norm_mode_is_one_sentence():
     from mpcl.errors import InputError
-    from mpcl.export.student import build_network_from_spec
+    from mpcl.nn.spec import build_network_from_spec
 
     with pytest.raises(InputError, match="network.batch_norm 'fused' is not known"):
         build_network_from_spec({"name": "unet2d", "batch_norm": "fused"}, 1, 4)
@@ -68,7 +69,7 @@ def test_unknown_batch_norm_mode_is_one_sentence():
 @pytest.mark.slow
 def test_strip_removes_training_only_parts(tmp_path):
     from mpcl.export.pipeline import ExportOptions, export_package
-    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.nn.checkpoint import load_checkpoint
     from tests.export_helpers import train_tiny_checkpoint
 
     checkpoint = train_tiny_checkpoint(tmp_path, steps=1)

@@ -42,7 +42,7 @@ from tests.segment_helpers import (
 
 
 def _tiny_unet(seed: int = 0):
-    from mpcl.training.networks import UNet
+    from mpcl.nn.unet import UNet
 
     torch.manual_seed(seed)
     model = UNet(1, 4, TINY_CHANNELS)
@@ -170,7 +170,7 @@ def _write_config(tmp_path, data: dict):
 
 def _package(tmp_path, normalization: dict):
     from mpcl.export.pipeline import write_model_package
-    from mpcl.training.checkpoint import load_checkpoint, save_checkpoint
+    from mpcl.nn.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint = make_checkpoint(tmp_path / "best.pt", normalization=normalization)
     state = load_checkpoint(checkpoint)  # a random head predicts one class everywhere; this one does not

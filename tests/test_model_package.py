@@ -53,7 +53,7 @@ def test_package_is_derived_from_checkpoint_metadata(package_dir):
 
 
 def test_package_checkpoint_is_slim_and_loadable(package_dir):
-    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.nn.checkpoint import load_checkpoint
 
     state = load_checkpoint(package_dir / "model.pt")
     assert "optimizer" not in state and "teacher" not in state

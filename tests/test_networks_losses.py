@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
+from mpcl.nn.unet import UNet
 from mpcl.training.losses.consistency import sigmoid_rampup, softmax_mse
 from mpcl.training.losses.dice import ce_dice_loss, deep_supervision_loss, soft_dice_loss
-from mpcl.training.networks import UNet
 
 
 def test_unet_reference_capacity_and_outputs():

@@ -42,8 +42,8 @@ def _torch_flops(model: torch.nn.Module, image: torch.Tensor) -> dict[str, float
 
 def test_conv_flops_of_the_exported_graph_match_the_torch_network(tmp_path):
     from mpcl.export.onnx_export import export_onnx
-    from mpcl.export.student import fold_batch_norm
-    from mpcl.training.networks.unet import UNet
+    from mpcl.nn.folding import fold_batch_norm
+    from mpcl.nn.unet import UNet
 
     network = fold_batch_norm(UNet(1, 4, (4, 8, 16, 32, 64)).eval())
     path = tmp_path / "net.onnx"

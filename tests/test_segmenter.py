@@ -89,8 +89,8 @@ def onnxruntime_segmenter(package_dir):
 def test_probabilities_match_training_evaluation(
     request, package_dir, segmenter, backend, label, volume, spacing
 ):
-    from mpcl.export.student import build_network_from_spec
-    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.nn.checkpoint import load_checkpoint
+    from mpcl.nn.spec import build_network_from_spec
 
     package = segmenter.package
     model = build_network_from_spec(package.network, 1, package.num_classes)
@@ -113,8 +113,8 @@ def test_probabilities_match_training_evaluation(
 def test_nearest_package_segments_as_training_evaluates(tmp_path, backend):
     """A package trained under the published protocol resizes with scipy's order-0 zoom, as validation."""
     from mpcl.export.pipeline import write_model_package
-    from mpcl.export.student import build_network_from_spec
-    from mpcl.training.checkpoint import load_checkpoint
+    from mpcl.nn.checkpoint import load_checkpoint
+    from mpcl.nn.spec import build_network_from_spec
     from tests.segment_helpers import make_checkpoint
 
     checkpoint = make_checkpoint(tmp_path / "best.pt", resize="nearest")

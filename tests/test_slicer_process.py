@@ -59,7 +59,7 @@ def test_command_is_accepted_by_the_real_cli():
     options = SegmentOptions(device="cuda:1", backend="onnxruntime", tta=True, uncertainty=True)
     command = segment_command("/opt/Slicer/bin/PythonSlicer", "in.nrrd", "out.nrrd", "/models/heart", options)
     assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-c", BOOTSTRAP, "mpcl.cli_segment"]
-    args = cli_segment._parser().parse_args(command[4:])
+    args = cli_segment.parse_args(command[4:])
     assert (args.inputs, args.output, args.model) == (["in.nrrd"], "out.nrrd", "/models/heart")
     assert (args.device, args.backend, args.tta, args.uncertainty, args.overwrite) == (
         "cuda:1",
@@ -68,7 +68,7 @@ def test_command_is_accepted_by_the_real_cli():
         True,
         True,
     )
-    plain = cli_segment._parser().parse_args(segment_command("py", "a", "b", "m", SegmentOptions())[4:])
+    plain = cli_segment.parse_args(segment_command("py", "a", "b", "m", SegmentOptions())[4:])
     assert (plain.device, plain.backend, plain.tta, plain.uncertainty) == ("auto", "auto", False, False)
 
 
@@ -350,4 +350,4 @@ def test_bootstrap_is_one_line_that_survives_command_line_quoting():
     lines = result.stdout.splitlines()
     assert result.returncode == 0, result.stderr
     assert lines[0].startswith("@mpcl pid ") and lines[1].startswith("@mpcl progress 0.05 ")
-    assert lines[2].startswith("mpcl ")  # argparse's --version: the module ran with the arguments given
+    assert lines[2].startswith("mpcl ")  # --version: the module ran with the arguments given

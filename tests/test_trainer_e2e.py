@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from mpcl.errors import ConfigError, InputError
-from mpcl.training.checkpoint import load_checkpoint
+from mpcl.nn.checkpoint import load_checkpoint
 from mpcl.training.data.loading import load_data
 from mpcl.training.evaluate import evaluate_volumes
 from mpcl.training.trainer import Trainer, build_network
@@ -115,7 +115,7 @@ def test_evaluation_slices_along_the_thick_axis():
 
 def build_network_for_test():
     torch.manual_seed(0)
-    from mpcl.training.networks import UNet
+    from mpcl.nn.unet import UNet
 
     return UNet(channels=[4, 8, 8, 16, 16])
 

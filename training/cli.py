@@ -1,41 +1,36 @@
 """Command-line entry points: ``mpcl-train`` and ``mpcl-eval``.
 
 Errors the user can fix (missing files, config typos, bad data) are printed as one sentence with exit
-code 2; anything else is a bug and keeps its traceback.
+code 2; Ctrl-C exits with 130 and SIGTERM with 143 (``mpcl.cli_common``); anything else is a bug and keeps
+its traceback.
+
+These commands are the top layer: ``mpcl-train`` trains (``mpcl.training``) and then writes the model
+package (``mpcl.export``), so this module, and no other module of ``mpcl.training``, uses the export.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import json
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from mpcl.errors import MPCLError
-from mpcl.io import check_writable_file, check_writable_folder, write_failure_reason
+from mpcl.backends import BACKEND_NAMES
+from mpcl.cli_common import (
+    CONTEXT_SETTINGS,
+    PRECISION_CHOICES,
+    friendly_errors,
+    no_progress_option,
+    threads_option,
+    version_option,
+)
+from mpcl.io import check_writable_file, check_writable_folder
 
-
-def _friendly_errors(function):
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except MPCLError as error:
-            click.echo(f"Error: {error}", err=True)
-            sys.exit(2)
-        except OSError as error:
-            reason = write_failure_reason(error)
-            if reason is None or error.filename is None:
-                raise  # not the disk or permissions: a bug, keep the traceback
-            click.echo(f"Error: {error.filename}: cannot be written ({reason})", err=True)
-            sys.exit(2)
-
-    return wrapper
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def _setup_logging(log_file: Path | None = None) -> None:
@@ -51,19 +46,27 @@ def _setup_logging(log_file: Path | None = None) -> None:
     )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML experiment config.")
 @click.option("--data-root", type=str, help="Override data.root (e.g. ../shared/data/acdc).")
-@click.option("--output-dir", type=click.Path(path_type=Path), help="Override output_dir.")
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    help="Override output_dir (checkpoints, logs and the model package).",
+)
 @click.option("--iterations", type=int, help="Override train.iterations.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override train.device.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), help="Override train.device.")
+@threads_option("Override train.num_threads (CPU threads for torch; default: all cores).")
 @click.option(
     "--resume", type=click.Path(path_type=Path), help="Continue exactly from a checkpoint (latest.pt)."
 )
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar (logs still go to train.log).")
-@_friendly_errors
-def train_main(config_path, data_root, output_dir, iterations, device, resume, no_progress) -> None:
-    """Train a segmentation model with the method named in the config."""
+@no_progress_option("Hide the progress bar (logs still go to train.log).")
+@version_option()
+@friendly_errors
+def train_main(config_path, data_root, output_dir, iterations, device, threads, resume, no_progress) -> None:
+    """Train a segmentation model with the method named in the config; the run ends with the model
+    package <output_dir>/model/ (what mpcl-segment and Segmenter load)."""
     from mpcl.training.config import load_config
     from mpcl.training.data.loading import load_data
     from mpcl.training.trainer import Trainer, config_of_checkpoint
@@ -75,6 +78,7 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
             "output_dir": str(output_dir) if output_dir else None,
             "train.iterations": iterations,
             "train.device": device,
+            "train.num_threads": threads,
         }.items()
         if value is not None
     }
@@ -112,13 +116,30 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
     if resume is not None:
         trainer.resume_from(resume)
     result = trainer.fit(progress=not no_progress)
+    _write_model_package(out)
     click.echo(
         f"best checkpoint: {result.best_checkpoint} (validation mean Dice {result.best_val_dice:.4f} "
         f"at iteration {result.best_iteration}); {result.seconds_per_iteration:.3f} s/iteration"
     )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _write_model_package(output_dir: Path) -> None:
+    """The deployable package (model.json + weights [+ ONNX]) that ``mpcl.Segmenter`` loads, written to
+    ``<output_dir>/model`` from the run's best checkpoint (its latest if there is no best)."""
+    from mpcl.export.pipeline import write_model_package
+
+    best = output_dir / "best.pt"
+    source = best if best.exists() else output_dir / "latest.pt"
+    with_onnx = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+    write_model_package(source, output_dir / "model", onnx=with_onnx, overwrite=True)
+    logging.getLogger("mpcl.train").info(
+        "model package written to %s%s",
+        output_dir / "model",
+        "" if with_onnx else " (torch weights only: install mpcl[export] for the ONNX model)",
+    )
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="A training checkpoint (best.pt).")
 @click.option(
     "--model",
@@ -138,7 +159,9 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
 )
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--data-root", type=str, help="Override the data root (of the checkpoint or --config).")
-@click.option("--output", type=click.Path(path_type=Path), help="JSON file for per-case and summary metrics.")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="JSON file for per-case and summary metrics."
+)
 @click.option("--save-predictions", type=click.Path(path_type=Path), help="Folder for NIfTI label maps.")
 @click.option(
     "--save-images",
@@ -146,22 +169,25 @@ def train_main(config_path, data_root, output_dir, iterations, device, resume, n
     help="Folder for the evaluated images as NIfTI (intensity-normalised, as the network saw them), "
     "e.g. to try mpcl-segment on them.",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "onnxruntime", "openvino", "torch", "tensorrt"]),
+    type=click.Choice(("auto", *BACKEND_NAMES)),
     default="auto",
     show_default=True,
     help="With --model: the runtime backend.",
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "fp16", "int8", "bf16"]),
+    type=click.Choice(PRECISION_CHOICES),
     default="auto",
     show_default=True,
     help="With --model and ONNX Runtime or OpenVINO: which precision (auto: the fastest checked one).",
 )
-@_friendly_errors
+@threads_option("CPU threads for the backend (--model) or torch (--checkpoint); default: all cores.")
+@no_progress_option("Hide the progress bar.")
+@version_option()
+@friendly_errors
 def eval_main(
     checkpoint,
     package_path,
@@ -174,6 +200,8 @@ def eval_main(
     device,
     backend,
     precision,
+    threads,
+    no_progress,
 ) -> None:
     """Evaluate a checkpoint or a model package: per-volume, per-class Dice, Jaccard, HD95 and ASD."""
     import torch
@@ -198,7 +226,7 @@ def eval_main(
     _setup_logging()
     state = None
     if checkpoint is not None:
-        from mpcl.training.checkpoint import load_checkpoint
+        from mpcl.nn.checkpoint import load_checkpoint
         from mpcl.training.trainer import stored_config
 
         state = load_checkpoint(checkpoint)
@@ -210,15 +238,17 @@ def eval_main(
     if not volumes:
         raise click.UsageError(f"the dataset has no {split} volumes")
     if state is not None:
+        if threads:
+            torch.set_num_threads(threads)
         scored = _checkpoint_network(checkpoint, state, config, data.num_classes, device)
     else:
-        scored = _package_network(package_path, config, data, split, device, backend, precision)
+        scored = _package_network(package_path, config, data, split, device, backend, precision, threads)
     result = score_volumes(
         scored.predict,
         volumes,
         data.class_names,
         prediction_dir=save_predictions,
-        progress=True,
+        progress=not no_progress,
         empty_prediction=config.evaluation.empty_prediction,
     )
     result.update({**scored.record, "split": split, "torch": torch.__version__})
@@ -259,7 +289,7 @@ def _checkpoint_network(checkpoint: Path, state: dict, config, num_classes: int,
 
 
 def _package_network(
-    path: Path, config, data, split: str, device: str, backend: str, precision: str
+    path: Path, config, data, split: str, device: str, backend: str, precision: str, threads: int | None
 ) -> _Scored:
     """A model package scored as deployed: each volume goes through ``Segmenter``, so the package's
     normalisation, patch size, resize, backend, precision and post-processing all apply.
@@ -281,10 +311,10 @@ def _package_network(
             f"{path}: the package's classes {package.class_names} are not the data's {data.class_names}"
         )
     if config.data.kind == "nifti_folder":
-        from mpcl.training.data.nifti_folder import _image_files
+        from mpcl.training.data.nifti_folder import image_files
 
         folder = Path(config.data.root) / ("imagesTs" if split == "test" else "imagesTr")
-        files = _image_files(folder)
+        files = image_files(folder)
 
         def source(volume):
             if volume.name not in files:
@@ -306,7 +336,7 @@ def _package_network(
             return geometry.apply_to(sitk.GetImageFromArray(volume.image))
 
         inputs = f"{data.normalization.get('scheme')}-normalised arrays"
-    segmenter = Segmenter(package, backend, device, precision=precision)
+    segmenter = Segmenter(package, backend, device, precision=precision, threads=threads)
     runtime = segmenter.backend
     record = {
         "model": str(path),

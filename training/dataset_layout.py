@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from mpcl.errors import InputError
 from mpcl.io import ImageGeometry, read_image
-from mpcl.training.data.nifti_folder import IMAGE_SUFFIXES, _case_name
+from mpcl.training.data.nifti_folder import IMAGE_SUFFIXES, case_name
 
 # Same tolerances as nifti_folder's label/image check: beyond them mpcl-train refuses the pair.
 SPACING_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
@@ -227,7 +227,7 @@ def image_files(folder: Path, root: Path, file_ending: str | None) -> tuple[dict
             problems.append(
                 Problem(relative(path, root), f"does not end in dataset.json's file_ending '{file_ending}'")
             )
-        case = _case_name(path)
+        case = case_name(path)
         if case in files:
             problems.append(
                 Problem(

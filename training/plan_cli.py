@@ -16,9 +16,14 @@ from pathlib import Path
 
 import click
 
+from mpcl.cli_common import (
+    CONTEXT_SETTINGS,
+    friendly_errors,
+    no_progress_option,
+    version_option,
+)
 from mpcl.errors import InputError
 from mpcl.io import check_writable_file, write_atomically
-from mpcl.training.cli import _friendly_errors
 
 PRESET_NAMES = ("cpu", "gpu")
 
@@ -39,7 +44,7 @@ def _plans_path(dataset: Path, output: Path | None) -> Path:
     return output
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option(
     "--verify", is_flag=True, help="Only check the dataset: one line per problem, exit 1 on a defect."
@@ -76,8 +81,9 @@ def _plans_path(dataset: Path, output: Path | None) -> Path:
     type=int,
     help="Written config: use only the first N training cases as labelled, the rest as unlabelled.",
 )
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@_friendly_errors
+@no_progress_option("Hide the progress bar.")
+@version_option()
+@friendly_errors
 def plan_main(
     dataset, verify, preset, output, config_out, base_config, method, labeled_cases, no_progress
 ) -> None:

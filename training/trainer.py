@@ -5,14 +5,14 @@ back-propagate them, step SGD with poly learning-rate decay, update the EMA teac
 ``val_every`` steps evaluate the student on the validation volumes and keep the best checkpoint.
 A checkpoint holds everything that changes during training (weights, optimiser, method state, torch RNG,
 logs up to that step); batches are a pure function of (seed, t), so a resumed run continues exactly as
-the uninterrupted run would have.
+the uninterrupted run would have. The method's step runs in ``train.precision`` (autocast; what stays
+float32 is in ``mpcl.training.precision``), and a run keeps its precision across resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import logging
 import time
@@ -24,14 +24,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mpcl.errors import ConfigError
+from mpcl.nn.checkpoint import build_metadata, load_checkpoint, save_checkpoint
+from mpcl.nn.unet import UNet
 from mpcl.training.batchnorm import recalibrate_batch_norm, sample_slices
-from mpcl.training.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from mpcl.training.config import ExperimentConfig, config_from_dict
 from mpcl.training.data.base import SegmentationData
 from mpcl.training.data.batches import Batch, BatchFactory, prefetch
 from mpcl.training.evaluate import evaluate_volumes
 from mpcl.training.methods import Models, StepInfo, build_method
-from mpcl.training.networks import UNet
+from mpcl.training.precision import autocast, grad_scaler, resolve_precision
 from mpcl.training.run_log import CsvLog, plot_curves
 
 log = logging.getLogger("mpcl.train")
@@ -69,6 +70,13 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
         teacher_param.mul_(decay).add_(student_param.detach(), alpha=1 - decay)
 
 
+def _channels_last(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Image batches (B, C, H, W) in channels-last memory format; labels (B, H, W) and None as they are."""
+    if tensor is None or tensor.dim() != 4:
+        return tensor
+    return tensor.contiguous(memory_format=torch.channels_last)
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -88,17 +96,23 @@ class Trainer:
         self.data = data
         self.output_dir = Path(output_dir or config.output_dir)
         self.device = select_device(config.train.device)
+        self.precision = resolve_precision(config.train.precision, self.device)  # auto resolved
+        self.scaler = grad_scaler(self.precision, self.device)  # fp16 only
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
         torch.manual_seed(config.seed)
         self.method = build_method(config.method, data.num_classes)
         student = build_network(config, data.num_classes).to(self.device)
+        if config.train.channels_last:  # the teacher and extra modules below inherit the layout
+            student = student.to(memory_format=torch.channels_last)
         teacher = None
         if self.method.uses_teacher:
             teacher = copy.deepcopy(student)
             teacher.requires_grad_(False)
         extra_modules = self.method.build_extra_modules(student)
         extra = torch.nn.ModuleDict(extra_modules).to(self.device) if extra_modules else None
+        if extra is not None and config.train.channels_last:
+            extra = extra.to(memory_format=torch.channels_last)
         teacher_extra = None
         if teacher is not None and extra is not None:
             teacher_extra = copy.deepcopy(extra)
@@ -145,6 +159,10 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "method_state": self.method.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # dropout on a GPU draws from the device's generator
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "precision": self.precision,  # a run keeps one precision (resume_from)
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "best": {"dice": self.best_dice, "iteration": self.best_iteration},
             "metadata": self.metadata,
             "config": self.config.to_dict(),
@@ -156,7 +174,17 @@ class Trainer:
     def resume_from(self, path: str | Path) -> None:
         """Restore every piece of training state saved by ``save`` at the end of an iteration."""
         state = load_checkpoint(path)
-        if state["config"] != self.config.to_dict():
+        trained_in = state.get("precision", "fp32")  # checkpoints from before train.precision: fp32
+        if trained_in != self.precision:
+            raise ConfigError(
+                f"{path}: checkpoint was trained in {trained_in} but this run trains in {self.precision}; "
+                f"resume with train.precision: {trained_in} (a run keeps one precision, so that it "
+                "continues exactly as it would have)"
+            )
+        stored = copy.deepcopy(state["config"])
+        stored.get("train", {}).setdefault("precision", "fp32")  # written before these keys existed
+        stored.get("train", {}).setdefault("channels_last", False)
+        if stored != self.config.to_dict():
             raise ConfigError(
                 f"{path}: checkpoint was written with a different config; resume with its own "
                 "config (mpcl-train --resume without --config)"
@@ -171,6 +199,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method_state"])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.best_dice = float(state["best"]["dice"])
         self.best_iteration = int(state["best"]["iteration"])
         self.start_iteration = int(state["iteration"])
@@ -259,10 +291,14 @@ class Trainer:
         lr = poly_lr(train.lr, iteration, train.iterations, train.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        terms = self.method.training_step(
-            batch.to(self.device), models, StepInfo(iteration, train.iterations)
-        )
-        loss = torch.stack(list(terms.values())).sum()
+        batch = batch.to(self.device)
+        if train.channels_last:
+            batch = Batch(*(_channels_last(getattr(batch, name)) for name in batch.__dataclass_fields__))
+        # forward passes and losses in the run's precision; the losses themselves, prototype similarities
+        # and banks stay float32 inside it (mpcl.training.precision); backward, SGD and EMA outside it
+        with autocast(self.precision, self.device):
+            terms = self.method.training_step(batch, models, StepInfo(iteration, train.iterations))
+        loss = torch.stack([value.float() for value in terms.values()]).sum()
         if not torch.isfinite(loss):
             values = {name: round(value.item(), 6) for name, value in terms.items()}
             raise FloatingPointError(
@@ -270,8 +306,13 @@ class Trainer:
                 "lower train.lr or check the data"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # fp16: gradients scaled up so that small ones do not underflow; steps with inf/NaN skipped
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if models.teacher is not None:
             decay = min(1 - 1 / (iteration + 1), self.method.ema_decay)
             ema_update(models.teacher, models.student, decay)
@@ -361,29 +402,16 @@ class Trainer:
             "iterations_run": result.iterations_run,
             "seconds_per_iteration": result.seconds_per_iteration,
             "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.config.train.channels_last,
         }
         (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        self._write_model_package()
         log.info(
             "finished: %d iterations at %.3f s/it; best validation mean Dice %.4f at iteration %d",
             result.iterations_run,
             result.seconds_per_iteration,
             result.best_val_dice,
             result.best_iteration,
-        )
-
-    def _write_model_package(self) -> None:
-        """The deployable package (model.json + weights [+ ONNX]) that ``mpcl.Segmenter`` loads."""
-        from mpcl.export.pipeline import write_model_package
-
-        best = self.output_dir / "best.pt"
-        source = best if best.exists() else self.output_dir / "latest.pt"
-        with_onnx = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
-        write_model_package(source, self.output_dir / "model", onnx=with_onnx, overwrite=True)
-        log.info(
-            "model package written to %s%s",
-            self.output_dir / "model",
-            "" if with_onnx else " (torch weights only: install mpcl[export] for the ONNX model)",
         )
 
 

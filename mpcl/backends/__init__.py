@@ -20,7 +20,6 @@ run the precision or fused kernels asked for).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import shutil
 from collections.abc import Sequence
@@ -31,9 +30,11 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from mpcl.errors import ConfigError, ModelPackageError
+from mpcl.kernels import FUSED_KERNEL_MODES
 from mpcl.model_package import ModelPackage
+from mpcl.optional import module_available  # noqa: F401  (re-exported: the backends use it from here)
 
-if TYPE_CHECKING:  # mpcl.kernels imports this package, so only for annotations
+if TYPE_CHECKING:  # the kernels' types, for annotations only
     from mpcl.kernels.reference import Flip, HeadOutputs, NormalizationAffine
 
 log = logging.getLogger("mpcl.segment")
@@ -117,8 +118,6 @@ def refuse_unsupported(
     ``devices``: ``cpu`` and/or ``cuda`` (which also admits ``cuda:N``). ``fused_reason``: None where the
     backend can run the fused kernels (it then checks ``fused_kernels='on'`` itself), else why not.
     """
-    from mpcl.kernels import FUSED_KERNEL_MODES  # not at the top: mpcl.kernels imports this package
-
     kind, _, index = device.partition(":")
     if kind not in devices or (index and not (kind == "cuda" and index.isdigit())):
         raise ConfigError(f"the {backend} backend runs on {' or '.join(devices)}, not on device {device!r}")
@@ -131,14 +130,6 @@ def refuse_unsupported(
         raise ConfigError(f"fused_kernels must be one of {FUSED_KERNEL_MODES}, got {fused_kernels!r}")
     if fused_kernels == "on" and fused_reason is not None:
         raise ConfigError(f"fused_kernels='on' needs the torch backend on a CUDA GPU: {fused_reason}")
-
-
-def module_available(name: str) -> bool:
-    """Whether ``name`` can be imported, without importing it (a broken or blocked install is absent)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def gpu_present() -> bool:

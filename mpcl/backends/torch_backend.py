@@ -1,4 +1,5 @@
-"""torch eager backend: the package's checkpoint (model.pt) loaded into the training U-Net, or any torch
+"""torch eager backend: the package's checkpoint (model.pt) loaded into the network its spec describes
+(the model core, ``mpcl.nn``, imported only here and only when a package is loaded), or any torch
 network handed over by training (``TorchBackend.from_module``).
 
 ``from_module`` is how training scores its networks through the same inference code as deployment
@@ -101,8 +102,8 @@ class TorchBackend:
         fused, reason = _fused_capability(device, fused_kernels)
         import torch
 
-        from mpcl.export.student import build_network_from_spec
-        from mpcl.training.checkpoint import load_checkpoint
+        from mpcl.nn.checkpoint import load_checkpoint
+        from mpcl.nn.spec import build_network_from_spec
 
         path = package.path_of("torch")
         try:

@@ -9,7 +9,7 @@ for TensorRT engines. Importing this package (or ``reference``) never imports to
 
 from __future__ import annotations
 
-from mpcl.backends import module_available
+from mpcl.optional import module_available
 
 FUSED_KERNEL_MODES = ("auto", "on", "off")
 

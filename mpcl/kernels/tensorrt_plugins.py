@@ -26,8 +26,8 @@ scratch pointers Triton appends, so the kernels keep that parameter order and mu
 from dataclasses import dataclass
 from typing import Any, Tuple  # noqa: UP035 - tensorrt.plugin expects typing.Tuple annotations
 
-from mpcl.backends import module_available
 from mpcl.errors import ConfigError
+from mpcl.optional import module_available
 
 PREPROCESS_ID = "mpcl::fused_preprocess"
 HEAD_ID = "mpcl::fused_head"

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from mpcl.errors import InputError
-from mpcl.training.config import ACDC_PATIENTS_TO_SLICES, DataConfig
+from mpcl.training.config_schema import ACDC_PATIENTS_TO_SLICES, DataConfig
 from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 
 ACDC_CLASS_NAMES = ["background", "RV", "myocardium", "LV"]

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from mpcl.preprocessing import resize_2d, zoom_nearest
-from mpcl.training.config import AugmentConfig
+from mpcl.training.config_schema import AugmentConfig
 
 
 def random_rot90_flip(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None):

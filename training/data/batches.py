@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpcl.training.config import AugmentConfig
+from mpcl.training.config_schema import AugmentConfig
 from mpcl.training.data.augment import strong_view, weak_view
 from mpcl.training.data.base import Slice2D
 from mpcl.training.data.sampler import TwoStreamSampler

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mpcl.errors import InputError
-from mpcl.training.config import DataConfig
+from mpcl.training.config_schema import DataConfig
 from mpcl.training.data.base import SegmentationData
 
 

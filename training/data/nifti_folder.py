@@ -21,13 +21,15 @@ import numpy as np
 from mpcl.errors import InputError
 from mpcl.io import ImageGeometry, read_image
 from mpcl.preprocessing import normalize_intensity, through_plane_axis
-from mpcl.training.config import DataConfig
+from mpcl.training.config_schema import DataConfig
 from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
-def _case_name(path: Path) -> str:
+def case_name(path: Path) -> str:
+    """The case a file of an nnU-Net-layout folder belongs to: its name without the image suffix and
+    the ``_0000`` channel tag (``imagesTr/heart_003_0000.nii.gz`` -> ``heart_003``)."""
     name = path.name
     for suffix in IMAGE_SUFFIXES:
         if name.endswith(suffix):
@@ -36,10 +38,11 @@ def _case_name(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
+def image_files(folder: Path) -> dict[str, Path]:
+    """Case name -> image file for every image in ``folder`` (sorted; empty if there is no folder)."""
     if not folder.is_dir():
         return {}
-    return {_case_name(p): p for p in sorted(folder.iterdir()) if p.name.endswith(IMAGE_SUFFIXES)}
+    return {case_name(p): p for p in sorted(folder.iterdir()) if p.name.endswith(IMAGE_SUFFIXES)}
 
 
 def class_names_from_dataset_json(root: Path) -> list[str] | None:
@@ -94,7 +97,7 @@ def read_case(image_path: Path, label_path: Path | None, num_classes: int, schem
                 f"{label_path}: label values {values} outside the class range 0..{num_classes - 1}"
             )
         label = label_array.astype(np.uint8)
-    return Volume(_case_name(image_path), image, label, geometry.spacing, geometry.origin, geometry.direction)
+    return Volume(case_name(image_path), image, label, geometry.spacing, geometry.origin, geometry.direction)
 
 
 def volume_to_slices(volume: Volume) -> list[Slice2D]:
@@ -120,8 +123,8 @@ def load_nifti_folder(config: DataConfig) -> SegmentationData:
         raise InputError(
             f"{root}: class names unknown; set data.class_names or add dataset.json with 'labels'"
         )
-    images = _image_files(root / "imagesTr")
-    labels = _image_files(root / "labelsTr")
+    images = image_files(root / "imagesTr")
+    labels = image_files(root / "labelsTr")
     if not images:
         raise InputError(f"{root / 'imagesTr'}: no images found (expected <case>_0000.nii.gz files)")
     missing = sorted(set(images) - set(labels))
@@ -141,10 +144,10 @@ def load_nifti_folder(config: DataConfig) -> SegmentationData:
         is_labeled = position < n_labeled
         volume = read_case(images[case], labels[case] if is_labeled else None, n_classes, scheme)
         (labeled if is_labeled else unlabeled).extend(volume_to_slices(volume))
-    for path in _image_files(root / "imagesUnlabelled").values():
+    for path in image_files(root / "imagesUnlabelled").values():
         unlabeled.extend(volume_to_slices(read_case(path, None, n_classes, scheme)))
     val = [read_case(images[c], labels[c], n_classes, scheme) for c in val_cases]
-    test_images, test_labels = _image_files(root / "imagesTs"), _image_files(root / "labelsTs")
+    test_images, test_labels = image_files(root / "imagesTs"), image_files(root / "labelsTs")
     test = [
         read_case(test_images[c], test_labels[c], n_classes, scheme)
         for c in sorted(test_images)

@@ -5,7 +5,8 @@ must point the same way.
 Region means reuse the prototype pooling of ``mpcl.training.losses.prototypes`` (``group_prototypes``);
 instance matching is plain numpy/scipy on CPU (connected components + Hungarian assignment on 1 − IoU)
 and carries no gradient; only the pooling of embeddings over the matched regions is differentiable.
-Shapes: embeddings (B, D, h, w) unit vectors; label / prediction maps (B, h, w).
+Shapes: embeddings (B, D, h, w) unit vectors; label / prediction maps (B, h, w). Region means and their
+cosines run in float32 under mixed precision (``@fp32``, see ``mpcl.training.precision``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from mpcl.training.losses.prototypes import IGNORE, group_prototypes
+from mpcl.training.precision import fp32
 
 
 def _zero(*references: torch.Tensor) -> torch.Tensor:
@@ -25,6 +27,7 @@ def _zero(*references: torch.Tensor) -> torch.Tensor:
 
 
 # -- region level ------------------------------------------------------------------------------------
+@fp32
 def image_class_centroids(
     embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +38,7 @@ def image_class_centroids(
     return group_prototypes(embeddings, labels, image_index, num_classes, batch)
 
 
+@fp32
 def region_alignment(
     embeddings_a: torch.Tensor,
     embeddings_b: torch.Tensor,
@@ -182,6 +186,7 @@ def instance_regions(
     )
 
 
+@fp32
 def region_means(
     embeddings: torch.Tensor, ids: torch.Tensor, count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +209,7 @@ def _paired_cosine_distance(
     return (1.0 - (means_a * means_b).sum(-1))[present]
 
 
+@fp32
 def instance_alignment(
     embeddings_a: torch.Tensor,
     embeddings_b: torch.Tensor,

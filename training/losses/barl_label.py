@@ -3,7 +3,8 @@ progressive coarse-to-fine bias correction across decoder scales. Pure functions
 
 Shapes: logits (B, C, H, W); label maps and masks (B, H, W). Every loss is a mean over *all* pixels
 with unreliable pixels weighted 0 (FixMatch convention), so a step with few confident pixels gives a
-small loss instead of a large one averaged over a handful of pixels.
+small loss instead of a large one averaged over a handful of pixels. Under mixed precision they run in
+float32 (``@fp32``; KL and cross-entropy of confident pixels are small differences of logs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mpcl.training.losses.consistency import sigmoid_rampup
+from mpcl.training.precision import fp32
 
 
 def _zero(reference: torch.Tensor) -> torch.Tensor:
@@ -23,6 +25,7 @@ def _zero(reference: torch.Tensor) -> torch.Tensor:
     return reference.sum() * 0.0
 
 
+@fp32
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against hard pseudo-labels, counted only where ``mask`` is true (DPR path 1)."""
     pixel_ce = F.cross_entropy(logits, labels.long(), reduction="none")
@@ -34,6 +37,7 @@ def _kl(target: torch.Tensor, log_target: torch.Tensor, log_prediction: torch.Te
     return (target * (log_target - log_prediction)).sum(1)
 
 
+@fp32
 @torch.no_grad()
 def agreement_weight(probabilities_a: torch.Tensor, probabilities_b: torch.Tensor) -> torch.Tensor:
     """ρ = 1 − JS(p_a, p_b)/ln 2 ∈ [0, 1] per pixel: 1 where the branches agree, 0 where they are
@@ -47,6 +51,7 @@ def agreement_weight(probabilities_a: torch.Tensor, probabilities_b: torch.Tenso
     return (1.0 - js / math.log(2.0)).clamp(0.0, 1.0)
 
 
+@fp32
 def agreement_weighted_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
     """DPR path 2: mean_x ρ(x)·[KL(sg p_a ‖ p_b) + KL(sg p_b ‖ p_a)] — each branch is pulled towards
     the other's (fixed) distribution, per pixel and per class, less where they disagree strongly."""
@@ -81,6 +86,7 @@ def pcbc_stage_weights(
     return weights
 
 
+@fp32
 def pcbc_loss(
     scale_logits_a: Sequence[torch.Tensor],
     scale_logits_b: Sequence[torch.Tensor],

@@ -1,10 +1,13 @@
-"""Consistency losses and their schedules."""
+"""Consistency losses and their schedules; the losses run in float32 under mixed precision (``@fp32``,
+see ``mpcl.training.precision``)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from mpcl.training.precision import fp32
 
 
 def sigmoid_rampup(iteration: int, length: int, step: int = 1) -> float:
@@ -21,6 +24,7 @@ def sigmoid_rampup(iteration: int, length: int, step: int = 1) -> float:
     return float(math.exp(-5.0 * phase * phase))
 
 
+@fp32
 def softmax_mse(student_logits: torch.Tensor, teacher_probabilities: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of the student's and the teacher's class probabilities."""
     return torch.mean((torch.softmax(student_logits, dim=1) - teacher_probabilities) ** 2)

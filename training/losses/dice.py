@@ -1,11 +1,19 @@
-"""Supervised segmentation losses: soft Dice and the SSL4MIS ½(CE + Dice) combination."""
+"""Supervised segmentation losses: soft Dice and the SSL4MIS ½(CE + Dice) combination.
+
+Under mixed precision (``train.precision``) they run in float32 (``@fp32``: bf16 logits cast up, autocast
+off): Dice ratios and cross-entropy are means over whole batches of small differences that bf16's 8-bit
+mantissa would round away (see ``mpcl.training.precision``).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from mpcl.training.precision import fp32
 
+
+@fp32
 def soft_dice_loss(
     probabilities: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5
 ) -> torch.Tensor:
@@ -23,6 +31,7 @@ def soft_dice_loss(
     return (1 - (2 * intersection + eps) / (denominator + eps)).mean()
 
 
+@fp32
 def ce_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Copy-paste mixing (BCP): box masks, pasting, BCP's region-wise ``mix_loss`` and the pseudo-label filter."""
+"""Copy-paste mixing (BCP): box masks, pasting, BCP's region-wise ``mix_loss`` and the pseudo-label filter.
+
+The losses run in float32 under mixed precision (``@fp32``, see ``mpcl.training.precision``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+from mpcl.training.precision import fp32
 
 
 def random_box_mask(
@@ -33,6 +38,7 @@ def outer_box_mask(shape: tuple[int, int], ratio: float) -> torch.Tensor:
     return mask
 
 
+@fp32
 def masked_dice_loss(
     probabilities: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-10
 ) -> torch.Tensor:
@@ -47,6 +53,7 @@ def masked_dice_loss(
     return (1 - (2 * intersection + smooth) / (denominator + smooth)).mean()
 
 
+@fp32
 def mix_loss(
     logits: torch.Tensor,
     outer_target: torch.Tensor,

@@ -3,6 +3,11 @@ the uncertainty-consistency loss, pooling of SDM layers into prototypes, the unc
 prototype contrast, Sinkhorn assignment to sub-prototypes, and the layer → K-slot grouping used to mix
 boundary-aware prototypes into the teacher's prototypes. Pure functions of tensors; the prototype state
 lives in ``mpcl.training.methods.prototype_bank.PrototypeBank``.
+
+Everything here runs in float32 under mixed precision (``@fp32``: autocast off, bf16/fp16 inputs cast
+up): prototype cosines / τ = 0.05 are logits, Sinkhorn iterates log-sum-exps of scores / ε = 0.05 (20×
+the rounding of its input), and entropies of confident pixels are tiny differences
+(``mpcl.training.precision``).
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import torch.nn.functional as F
 
 from mpcl.training.losses.consistency import sigmoid_rampup
 from mpcl.training.losses.prototypes import _zero
+from mpcl.training.precision import fp32
 
 _MASKED = -1.0e4  # a finite "−inf" for masked logits: exp underflows to 0 and gradients stay finite
 
 
+@fp32
 def entropy(probabilities: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Shannon entropy (nats) of distributions along ``dim``; ``eps`` keeps log(0) finite."""
     return -(probabilities * torch.log(probabilities + eps)).sum(dim)
@@ -30,6 +37,7 @@ def uncertainty_threshold(iteration: int, total: int) -> float:
     return (0.25 + 0.25 * sigmoid_rampup(iteration, total)) * math.log(2.7)
 
 
+@fp32
 def entropy_weight(
     probabilities: torch.Tensor, mode: Literal["hard", "soft"], threshold: float
 ) -> torch.Tensor:
@@ -41,6 +49,7 @@ def entropy_weight(
     return (1.0 - uncertainty / math.log(probabilities.shape[1])).clamp(0.0, 1.0)
 
 
+@fp32
 def teacher_features(features: torch.Tensor) -> torch.Tensor:
     """The teacher's pixel embeddings: LayerNorm over channels (no affine), then unit length."""
     z = features.permute(0, 2, 3, 1)
@@ -48,6 +57,7 @@ def teacher_features(features: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 3, 1, 2)
 
 
+@fp32
 def class_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """The teacher's prototype classifier (B, C, h, w): per class, the best cosine to its K prototypes
     (unit ``features`` (B, D, h, w) and ``prototypes`` (C, K, D)), LayerNorm'd over the classes."""
@@ -60,6 +70,7 @@ def _reduce_entropy(values: torch.Tensor, mode: Literal["fro", "mean"]) -> torch
     return torch.sqrt(squares + 1e-12)
 
 
+@fp32
 def uncertainty_consistency(
     student_logits: torch.Tensor,
     teacher_scores: torch.Tensor,
@@ -95,6 +106,7 @@ def uncertainty_consistency(
     return torch.stack(squared).sum() + entropy_coefficient * entropies
 
 
+@fp32
 def pool_layers(
     features: torch.Tensor,
     probabilities: torch.Tensor,
@@ -113,6 +125,7 @@ def pool_layers(
     return F.normalize(sums, dim=1), mean_probabilities
 
 
+@fp32
 def uncertainty_weighted_contrast(
     prototypes: torch.Tensor,
     labels: torch.Tensor,
@@ -151,6 +164,7 @@ def uncertainty_weighted_contrast(
     return (anchor_weight * per_anchor).sum()
 
 
+@fp32
 def sinkhorn(scores: torch.Tensor, iterations: int = 4, epsilon: float = 0.05) -> torch.Tensor:
     """Sinkhorn–Knopp equal-partition assignment of n samples to K sub-prototypes from ``scores`` (n, K):
     alternately every sub-prototype receives 1/K of the mass and every sample 1/n. Returns (n, K) with
@@ -163,6 +177,7 @@ def sinkhorn(scores: torch.Tensor, iterations: int = 4, epsilon: float = 0.05) -
     return torch.exp(log_q + math.log(count))
 
 
+@fp32
 def layer_groups(
     prototypes: torch.Tensor, labels: torch.Tensor, depth: torch.Tensor, num_classes: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

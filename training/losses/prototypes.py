@@ -5,6 +5,11 @@ steps lives in ``mpcl.training.methods.prototype_bank``.
 Shapes: embeddings ``z`` (B, D, h, w) unit vectors; ``labels`` (B, h, w) with ``IGNORE`` for pixels that
 take no part; ``groups`` (B, h, w) intensity group per pixel (``IGNORE`` where undefined); prototypes
 (C, K, D) with a (C, K) ``valid`` mask (classes may use fewer than K groups).
+
+Everything here runs in float32 under mixed precision (``@fp32``: autocast off, bf16/fp16 inputs cast
+up): similarities of unit vectors divided by τ = 0.1 are logits, so bf16's ≈ 0.4 % error per cosine
+would be a ≈ 0.04 error per logit, and group means feed an EMA bank whose 1 % steps bf16 cannot resolve
+(``mpcl.training.precision``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from mpcl.training.precision import fp32
 
 IGNORE = -1
 
@@ -86,6 +93,7 @@ def intensity_groups(
     return groups.reshape(labels.shape)
 
 
+@fp32
 def group_sums(
     values: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, num_classes: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +107,7 @@ def group_sums(
     return sums.view(num_classes, k, -1), counts.view(num_classes, k)
 
 
+@fp32
 def group_prototypes(
     z: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, num_classes: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +121,7 @@ def _zero(reference: torch.Tensor) -> torch.Tensor:
     return reference.sum() * 0.0
 
 
+@fp32
 def pixel_prototype_contrast(
     z: torch.Tensor,
     labels: torch.Tensor,
@@ -149,6 +159,7 @@ def pixel_prototype_contrast(
     return F.cross_entropy(logits, anchor_ids)
 
 
+@fp32
 def diversity_loss(prototypes: torch.Tensor, present: torch.Tensor, margin: float = 0.7) -> torch.Tensor:
     """Anti-collapse: mean over classes of mean_{k≠k'} max(0, cos(μ_ck, μ_ck') − margin)."""
     k = prototypes.shape[1]
@@ -162,6 +173,7 @@ def diversity_loss(prototypes: torch.Tensor, present: torch.Tensor, margin: floa
     return per_class[pair_counts > 0].mean()
 
 
+@fp32
 def separation_loss(
     prototypes: torch.Tensor,
     present: torch.Tensor,
@@ -180,6 +192,7 @@ def separation_loss(
     return F.relu(similarity - margin)[mask].mean()
 
 
+@fp32
 def generalisation_loss(
     prototypes: torch.Tensor, present: torch.Tensor, bank: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
@@ -190,6 +203,7 @@ def generalisation_loss(
     return (1 - (prototypes * bank).sum(-1))[mask].mean()
 
 
+@fp32
 def prototype_logits(
     z: torch.Tensor, bank: torch.Tensor, valid: torch.Tensor, tau: float = 0.1
 ) -> torch.Tensor:
@@ -200,6 +214,7 @@ def prototype_logits(
     return torch.logsumexp(similarity, dim=2)
 
 
+@fp32
 def confidence_weight(
     probabilities: torch.Tensor, threshold: float, mode: Literal["hard", "soft"]
 ) -> torch.Tensor:
@@ -208,6 +223,7 @@ def confidence_weight(
     return (top >= threshold).to(probabilities.dtype) if mode == "hard" else top
 
 
+@fp32
 def dual_alignment(
     student_logits: torch.Tensor,
     student_prototype_logits: torch.Tensor,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mpcl.errors import ConfigError
-from mpcl.training.config import MethodConfig, dataclass_from_dict
+from mpcl.training.config_schema import MethodConfig, dataclass_from_dict
 from mpcl.training.methods.barl import BARL
 from mpcl.training.methods.base import Method, Models, StepInfo
 from mpcl.training.methods.bcp import BCP

@@ -77,6 +77,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcl.errors import ConfigError
+from mpcl.nn.projection import ProjectionHead
+from mpcl.nn.unet import UNet, UNetOutput, join_outputs
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.barl_alignment import instance_alignment, instance_regions, region_alignment
 from mpcl.training.losses.barl_label import (
@@ -97,8 +99,7 @@ from mpcl.training.methods.bcp import (
     copy_paste_stage_switches,
     copy_paste_step,
 )
-from mpcl.training.networks.projection import ProjectionHead
-from mpcl.training.networks.unet import UNet, UNetOutput, join_outputs
+from mpcl.training.precision import run_fp32
 
 
 @dataclass
@@ -233,7 +234,9 @@ class WeakView:
     def of(cls, out_a: UNetOutput, out_b: UNetOutput, rows: slice) -> WeakView:
         logits_a, logits_b = out_a.logits[rows], out_b.logits[rows]
         with torch.no_grad():
-            probabilities_a, probabilities_b = torch.softmax(logits_a, 1), torch.softmax(logits_b, 1)
+            # float32: confidences meet thresholds (mpcl.training.precision)
+            probabilities_a = torch.softmax(logits_a.float(), 1)
+            probabilities_b = torch.softmax(logits_b.float(), 1)
             consensus = (0.5 * (probabilities_a + probabilities_b)).max(1)
             return cls(rows, logits_a, logits_b, *probabilities_a.max(1), *probabilities_b.max(1), *consensus)
 
@@ -507,8 +510,9 @@ class BARL(Method):
         """RA on the rows up to the weak view's end (ground truth where ``known``, the confident consensus
         elsewhere); IA on the weak view, from each branch's own prediction."""
         p, stride = self.params, self.params.embed_stride
-        embed_a = models.extra["embed_a"]([f[: weak.rows.stop] for f in out_a.features])
-        embed_b = models.extra["embed_b"]([f[: weak.rows.stop] for f in out_b.features])
+        # representation heads in float32 under mixed precision: their unit vectors' cosines are the losses
+        embed_a = run_fp32(models.extra["embed_a"], [f[: weak.rows.stop] for f in out_a.features])
+        embed_b = run_fp32(models.extra["embed_b"], [f[: weak.rows.stop] for f in out_b.features])
         terms = {}
         if p.ra:
             consensus = weak.consensus

@@ -130,7 +130,8 @@ def teacher_pseudo_labels(
     BCP's largest-component filter."""
     results = []
     for logits in run_per_input(teacher, halves, params.forward_passes):
-        confidence, pseudo = torch.softmax(logits, dim=1).max(dim=1)
+        # float32: the confidence is compared with thresholds (mpcl.training.precision)
+        confidence, pseudo = torch.softmax(logits.float(), dim=1).max(dim=1)
         if params.largest_component:
             pseudo = largest_component_per_class(pseudo, num_classes, params.connectivity)
         results.append((confidence, pseudo))

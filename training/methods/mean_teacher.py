@@ -52,7 +52,7 @@ class MeanTeacher(Method):
             batch.unlabeled_image, self.params.teacher_noise_std, self.params.teacher_noise_clip
         )
         with torch.no_grad():
-            teacher_probabilities = torch.softmax(models.teacher(teacher_input), dim=1)
+            teacher_probabilities = torch.softmax(models.teacher(teacher_input).float(), dim=1)
         weight = consistency_weight(self.params, step)
         terms["consistency"] = weight * softmax_mse(output.logits[n_labeled:], teacher_probabilities)
         return terms

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcl.errors import ConfigError
+from mpcl.nn.projection import ProjectionHead
+from mpcl.nn.unet import UNetOutput, join_outputs
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.consistency import softmax_mse
 from mpcl.training.losses.prototypes import (
@@ -67,8 +69,7 @@ from mpcl.training.methods.bcp import (
 from mpcl.training.methods.mean_teacher import MeanTeacher, MeanTeacherParams, consistency_weight, noisy
 from mpcl.training.methods.prototype_bank import PrototypeBank
 from mpcl.training.methods.supervised import supervised_terms
-from mpcl.training.networks.projection import ProjectionHead
-from mpcl.training.networks.unet import UNetOutput, join_outputs
+from mpcl.training.precision import run_fp32
 
 
 @dataclass
@@ -221,7 +222,7 @@ class MPCL(Method):
         teacher_input = noisy(batch.unlabeled_image, base.teacher_noise_std, base.teacher_noise_clip)
         with torch.no_grad():
             teacher_unlabeled = models.teacher.forward_features(teacher_input)
-            unlabeled_probabilities = torch.softmax(teacher_unlabeled.logits, dim=1)
+            unlabeled_probabilities = torch.softmax(teacher_unlabeled.logits.float(), dim=1)
         terms["consistency"] = consistency_weight(base, step) * softmax_mse(
             student.logits[n_labeled:], unlabeled_probabilities
         )
@@ -275,11 +276,13 @@ class MPCL(Method):
     ) -> dict[str, torch.Tensor]:
         p, num_classes, k = self.params, self.num_classes, max(self.groups_per_class)
         stride = p.embed_stride
-        z_student = models.extra["projection"](view.student.features)
+        # the projection heads, similarities and bank run in float32 under mixed precision: cosines / τ are
+        # logits and the bank's EMA steps are below bf16's resolution (mpcl.training.precision)
+        z_student = run_fp32(models.extra["projection"], view.student.features)
         teacher = view.teacher()
         with torch.no_grad():
-            teacher_probabilities = torch.softmax(teacher.logits, dim=1)
-            z_teacher = models.teacher_extra["projection"](teacher.features)
+            teacher_probabilities = torch.softmax(teacher.logits.float(), dim=1)
+            z_teacher = run_fp32(models.teacher_extra["projection"], teacher.features)
         labels = view.labels[:, ::stride, ::stride]  # nearest downsampling onto the embedding grid
         ground_truth = view.ground_truth[:, ::stride, ::stride]
         intensity = F.avg_pool2d(view.images, stride)[:, 0] if stride > 1 else view.images[:, 0]

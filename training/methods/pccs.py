@@ -94,6 +94,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcl.errors import ConfigError
+from mpcl.nn.multiscale_projection import MultiScaleProjection
+from mpcl.nn.unet import UNetOutput, join_outputs
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.pccs import (
     class_scores,
@@ -119,8 +121,7 @@ from mpcl.training.methods.bcp import (
 )
 from mpcl.training.methods.prototype_bank import PrototypeBank
 from mpcl.training.methods.supervised import supervised_terms
-from mpcl.training.networks.multiscale_projection import MultiScaleProjection
-from mpcl.training.networks.unet import UNetOutput, join_outputs
+from mpcl.training.precision import run_fp32
 
 PROTOTYPE_SEED = 0  # Π's initial values come from their own generator (see the module docstring)
 
@@ -317,11 +318,14 @@ class PCCS(Method):
             return terms
         with torch.no_grad():
             teacher = view.teacher()
-            z_teacher = teacher_features(teacher_head(teacher.features))
+            # heads, prototype scores, Sinkhorn and Π in float32 under mixed precision (precision.py)
+            z_teacher = teacher_features(run_fp32(teacher_head, teacher.features))
             bank = self.bank.to(z_teacher.device)
             teacher_scores = class_scores(z_teacher, bank.prototypes)
         grid = z_teacher.shape[-2:]
-        student_logits = F.interpolate(view.student.logits, size=grid, mode="bilinear", align_corners=False)
+        student_logits = F.interpolate(
+            view.student.logits.float(), size=grid, mode="bilinear", align_corners=False
+        )
         threshold = uncertainty_threshold(step.iteration, step.total_iterations)
         if with_consistency:
             weight = None
@@ -409,11 +413,13 @@ class PCCS(Method):
         p = self.params
         grid = z_teacher.shape[-2:]
         nearest = lambda t: F.interpolate(t[:, None].float(), size=grid, mode="nearest")[:, 0]  # noqa: E731
-        features = models.extra["projection"](view.student.features)  # (B, D, h, w), with gradient
+        features = run_fp32(models.extra["projection"], view.student.features)  # (B, D, h, w), with gradient
         with torch.no_grad():
             source = student_logits.detach()
             if p.pseudo_source == "teacher":
-                source = F.interpolate(teacher.logits, size=grid, mode="bilinear", align_corners=False)
+                source = F.interpolate(
+                    teacher.logits.float(), size=grid, mode="bilinear", align_corners=False
+                )
             probabilities = torch.softmax(source, dim=1)
             given = nearest(view.labels).long()
             labels = torch.where(given >= 0, given, probabilities.argmax(dim=1))
@@ -501,7 +507,7 @@ class PCCS(Method):
         bank = self.bank
         with torch.no_grad():
             batch, _, height, width = features.shape
-            scores = prototype_layer(features).view(batch, num_classes, k, height, width)
+            scores = run_fp32(prototype_layer, features).view(batch, num_classes, k, height, width)
             agree = teacher_labels == scores.amax(dim=2).argmax(dim=1)
             target, sampled = self._assign(scores, teacher_labels)
             agreeing = torch.where(agree, teacher_labels, torch.full_like(teacher_labels, IGNORE))
@@ -513,7 +519,7 @@ class PCCS(Method):
             bank.update(layer_prototypes, bank.intensity, present_counts, n_min=1, momentum=p.mix_momentum)
             self._last["pccs_agreement"] = agree[teacher_labels >= 0].float().mean()
         # teacher features scored by the student's prototypes: only W_S learns from l_aux
-        return F.cross_entropy(prototype_layer(z_teacher), target, ignore_index=IGNORE)
+        return F.cross_entropy(run_fp32(prototype_layer, z_teacher), target, ignore_index=IGNORE)
 
     @torch.no_grad()
     def _class_mean_update(self, z_teacher: torch.Tensor, teacher_labels: torch.Tensor) -> None:

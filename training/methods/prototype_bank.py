@@ -46,6 +46,8 @@ class PrototypeBank:
         first sighting initialises it. ``momentum`` overrides the bank's own for this update."""
         seen = (counts >= n_min) & self.allowed
         m = self.momentum if momentum is None else momentum
+        # the bank stays float32 whatever the step's precision: an EMA step of 1 % is below bf16's resolution
+        means, mean_intensity = means.to(self.prototypes.dtype), mean_intensity.to(self.intensity.dtype)
         blended = F.normalize(m * self.prototypes + (1 - m) * means, dim=-1)
         updated = torch.where(self.valid[..., None], blended, means)
         self.prototypes = torch.where(seen[..., None], updated, self.prototypes)
