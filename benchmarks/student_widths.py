@@ -1,10 +1,10 @@
 """ONNX Runtime fp32 latency of the distillation students' U-Net widths on this CPU, before training one.
 
 A student's speed does not follow its FLOPs: ONNX Runtime's convolutions run far below peak on few
-channels (on an AVX-512 VM, 360 GFLOP/s for the teacher's widths, 133 for [8, 8, 16, 32, 64]), so
-cutting widths buys less time than it cuts work. This times randomly initialised, batch-norm-folded
-students (latency does not depend on the weights) exported the way ``mpcl-export`` exports them, on a
-batch of slices at the patch size, so a student config can be chosen for the machine it will run on.
+channels (measured rates: docs/benchmarks.md), so cutting widths buys less time than it cuts work. This
+times randomly initialised, batch-norm-folded students (latency does not depend on the weights) exported
+the way ``mpcl-export`` exports them, on a batch of slices at the patch size, so a student config can be
+chosen for the machine it will run on.
 
     python benchmarks/student_widths.py                        # the teacher and every configs/distill/*.yaml
     python benchmarks/student_widths.py --widths 8,8,16,32,64 --patch 128 --batch 9

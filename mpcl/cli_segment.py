@@ -92,7 +92,7 @@ class SegmentArgs:
     help="auto = the fastest checked variant the package has for the device (OpenVINO: bf16, then "
     "int8; ONNX Runtime: int8 on CPU, fp16 on CUDA), else fp32; bf16 runs on OpenVINO only.",
 )
-@click.option("--tta", is_flag=True, help="Average over flipped copies (4x slower).")
+@click.option("--tta", is_flag=True, help="Average over flipped copies (4 network passes).")
 @click.option("--probabilities", is_flag=True, help="Also write <case>_probabilities.")
 @click.option("--uncertainty", is_flag=True, help="Also write <case>_uncertainty (entropy).")
 @click.option(

@@ -166,9 +166,10 @@ def _first_argmax(scores: list[np.ndarray]) -> np.ndarray:
     """``np.stack(scores).argmax(axis=0)`` as uint8 (ties to the lowest index; at most 256 classes), with
     one contiguous pass per class.
 
-    numpy's argmax over a short strided class axis is several times slower than these whole-array
-    comparisons, and label maps have only a handful of classes. The running maximum and the winner are
-    updated in place: fresh arrays per class cost page faults that matter at these sizes.
+    numpy's argmax over a short strided class axis walks memory with a stride per pixel, while these
+    whole-array comparisons make one contiguous pass per class, and label maps have only a handful of
+    classes. The running maximum and the winner are updated in place: fresh arrays per class cost page
+    faults that matter at these sizes.
     """
     best, winner = np.array(scores[0], dtype=np.float32), np.zeros(scores[0].shape, dtype=np.uint8)
     better = np.empty(scores[0].shape, dtype=bool)
@@ -212,7 +213,7 @@ def resized_argmax(
     mixed[:, :-1, :-1] |= coarse[:, :-1, :-1] != coarse[:, 1:, 1:]
     cell = (y0[:, None] * w + x0[None, :]).ravel()  # each output pixel's source cell, flat
     labels = np.take(coarse.reshape(batch, h * w), cell, axis=1).reshape(batch, out_h, out_w)
-    flat = np.flatnonzero(np.take(mixed.reshape(batch, h * w), cell, axis=1))  # ~7x faster than 3D nonzero
+    flat = np.flatnonzero(np.take(mixed.reshape(batch, h * w), cell, axis=1))  # cheaper than a 3D nonzero
     b, within = np.divmod(flat, out_h * out_w)
     y, x = np.divmod(within, out_w)
     if b.size:

@@ -3,20 +3,17 @@
 In eval mode a network normalises with running statistics gathered from its training batches. In
 semi-supervised training those batches are a poor sample of what it will segment: the labelled stream
 comes from a handful of patients, and strongly augmented or copy-pasted views sit in the same batch as
-clean ones. ``benchmarks/bn_gap.py`` measured it on the benchmark checkpoints (validation mean Dice,
-running -> recalibrated, weights untouched): after 600 iterations at 128² (``cpu_quick``) supervised
-0.41 -> 0.49, Mean Teacher 0.37 -> 0.55, BCP 0.44 -> 0.53, MPCL-BCP 0.53 -> 0.58, PCCS 0.35 -> 0.55 and
-BARL 0.07 -> 0.58; after 1 500 iterations (``cpu``) BCP 0.70 -> 0.67, MPCL-BCP 0.74 -> 0.75 and PCCS
-0.39 -> 0.64. So it rescues short runs, co-training and PCCS but is noise for the copy-paste methods:
-off by default, on in the BARL config (its ``cpu`` run used it: 57.0 test Dice).
+clean ones. ``benchmarks/bn_gap.py`` scores a checkpoint with its running and with recomputed statistics
+(weights untouched); recomputing helps short runs, co-training and PCCS but is noise for the copy-paste
+methods, so it is off by default (``train.bn_recalibration_slices``). Measured gaps per method:
+docs/acdc_benchmark.md.
 
 Why: the gap is dropout's variance shift, not the augmented inputs. Recomputing the statistics on the
-same clean slices with dropout active (as in training) brings PCCS back to 0.45 and BARL to 0.17, while
-recomputing them on the trainer's weak views with dropout off gives 0.64 and 0.58, the same as clean
-slices (``bn_gap.py``'s probes). The SSL4MIS U-Net's encoder blocks put dropout before their second
-batch norm, and that layer's running variance describes dropped-out activations.
-Per layer the running variance is ×2.1–2.3 the clean one behind the bottleneck's 0.5 dropout in every
-checkpoint measured, BCP's included: copy-paste training does not avoid the shift, its weights tolerate it.
+same clean slices with dropout active (as in training) brings the gap back, while recomputing them on the
+trainer's weak views with dropout off closes it as clean slices do (``bn_gap.py``'s probes). The SSL4MIS
+U-Net's encoder blocks put dropout before their second batch norm, and that layer's running variance
+describes dropped-out activations, most of all behind the bottleneck's 0.5 dropout. BCP's checkpoints
+carry the same shift: copy-paste training does not avoid it, its weights tolerate it.
 
 Recalibration feeds whole training slices, resized to the patch exactly as evaluation feeds them,
 through the network with batch norm in train mode (no gradient, dropout off) and keeps the cumulative

@@ -1,9 +1,8 @@
 """OpenVINO backend (optional extra ``mpcl[openvino]``): the package's ONNX graphs on OpenVINO's CPU plugin.
 
-Why a second CPU runtime: on the AVX-512 VM of benchmarks/results/inference_cpu_openvino_*.json and
-ort_profile_cpu_avx512_openvino.json its fp32 network was faster than ONNX Runtime's in most runs (its
-convolutions are no faster; it spends less on layout reorders and transposed convolutions), and on CPUs
-with native bf16 arithmetic (AVX512_BF16, AMX) it runs the fp32 graph in bf16, faster again.
+Why a second CPU runtime: its convolutions are no faster than ONNX Runtime's, but it spends less around
+them (layout reorders, transposed convolutions), and on CPUs with native bf16 arithmetic (AVX512_BF16,
+AMX) it runs the fp32 graph in bf16. Measured latencies of both runtimes: docs/benchmarks.md.
 
 Precisions, all from files already in the package (OpenVINO reads ONNX directly):
 
