@@ -401,3 +401,28 @@ def test_a_mismatched_runtime_is_reported_at_start_and_refused_unless_confirmed(
     assert widget.confirmRuntimeVersion()  # reinstalled: now the versions match
     assert state.pip == [[str(wheels / "mpcl-0.1.0-py3-none-any.whl"), "--find-links", str(wheels)]]
     assert any("Restart Slicer now?" in question for question in state.asked)  # mpcl 0.0.2 was loaded here
+
+
+def test_the_sample_model_button_chooses_the_bundled_sample_and_shows_its_card(panel, module, monkeypatch):
+    """Beside "choose a model folder": the button sets the model path to Resources/SampleModel and the
+    panel shows what model.json says about it (data, test Dice, not for clinical use), before the runtime
+    is installed too; with the runtime, the validated classes come first."""
+    from MPCLSegmentationLib.samplemodel import is_sample_model, model_description
+
+    widget, state, _wheels = panel
+    monkeypatch.setattr(module, "MODULE_DIR", str(PLUGIN))  # the module folder that holds the sample
+    card = model_description(PLUGIN / "Resources" / "SampleModel")
+    widget.onSampleModelButton()
+    assert is_sample_model(widget.ui.modelPathLineEdit.currentPath, PLUGIN)
+    assert widget.ui.modelInfoLabel.text == card and widget.ui.modelInfoLabel.style == ""
+    for needle in ("not for clinical use", "ACDC", "3 labelled patients", "Test Dice", "LV 0.8"):
+        assert needle in card, needle
+
+    state.installed = "0.1.0"  # the runtime validates the package (checksums included)
+    widget.onSampleModelButton()
+    summary, text = widget.ui.modelInfoLabel.text.split("\n", 1)
+    assert summary == "Sample model: ACDC cardiac (demo): 3 classes (RV, myocardium, LV)" and text == card
+
+    widget.run = object()  # while a segmentation runs, the model cannot be switched
+    widget.updateButtons()
+    assert not widget.ui.sampleModelButton.enabled and not widget.ui.modelPathLineEdit.enabled

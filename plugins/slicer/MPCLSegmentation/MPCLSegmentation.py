@@ -37,6 +37,7 @@ from MPCLSegmentationLib.runtime import (
     same_version,
     unsupported_python_message,
 )
+from MPCLSegmentationLib.samplemodel import has_sample_model, model_description, sample_model_path
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
@@ -89,8 +90,10 @@ class MPCLSegmentation(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segment a volume with an MPCL (multiple-prototype contrastive learning) model package, a "
             "semi-supervised 2D segmentation network; segments get standard SNOMED CT terminology. "
-            "Choose the volume and the model package folder, then Segment: one named, coloured segment per "
-            "class is added, and optionally the voxel-wise uncertainty as a colour-mapped volume. "
+            "Choose the volume and the model package folder (or the bundled sample model, a demonstration "
+            "cardiac model trained on ACDC MRI: right ventricle, myocardium, left ventricle; not for "
+            "clinical use), then Segment: one named, coloured segment per class is added, and optionally "
+            "the voxel-wise uncertainty as a colour-mapped volume. "
             "Inference runs in a separate process (ONNX Runtime on the CPU out of the box, a GPU when one is "
             "usable), so Slicer stays responsive and Cancel stops it at once. "
             "See plugins/slicer/README.md in the MPCL repository."
@@ -130,6 +133,8 @@ class MPCLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.sampleModelButton.connect("clicked(bool)", self.onSampleModelButton)
+        self.ui.sampleModelButton.visible = has_sample_model(MODULE_DIR)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.installRuntimeButton.connect("clicked(bool)", self.onInstallRuntimeButton)
@@ -207,6 +212,7 @@ class MPCLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (
             self.ui.inputVolumeSelector,
             self.ui.modelPathLineEdit,
+            self.ui.sampleModelButton,
             self.ui.deviceComboBox,
             self.ui.backendComboBox,
             self.ui.ttaCheckBox,
@@ -246,10 +252,18 @@ class MPCLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.runtimeStatusLabel.setStyleSheet("")
             self.ui.runtimeCollapsibleButton.collapsed = False
 
+    def onSampleModelButton(self) -> None:
+        """Choose the bundled sample model: the model path becomes its folder (and its card shows)."""
+        self.ui.modelPathLineEdit.currentPath = str(sample_model_path(MODULE_DIR))
+        self.onModelPathChanged(self.ui.modelPathLineEdit.currentPath)
+
     def onModelPathChanged(self, path) -> None:
+        """Show what the chosen package is: its classes (once the runtime validated it) and the text its
+        model.json gives (for the sample model: data, test Dice, not for clinical use)."""
         self.updateButtons()
-        self.ui.modelInfoLabel.text = ""
         self.ui.modelInfoLabel.setStyleSheet("")
+        description = model_description(path)
+        self.ui.modelInfoLabel.text = description
         if not path or not runtime_version():
             return
         try:
@@ -264,9 +278,10 @@ class MPCLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ImportError:
             return
         names = ", ".join(label.name for label in package.classes if label.value)
-        self.ui.modelInfoLabel.text = _("{name}: {count} classes ({names})").format(
+        summary = _("{name}: {count} classes ({names})").format(
             name=package.name or os.path.basename(path), count=len(package.classes) - 1, names=names
         )
+        self.ui.modelInfoLabel.text = "\n".join(text for text in (summary, description) if text)
 
     def showStatus(self, message: str, error: bool = False) -> None:
         self.ui.statusLabel.text = message
@@ -684,6 +699,8 @@ class MPCLSegmentationTest(ScriptedLoadableModuleTest):
         self.assertEqual(slicer.util.arrayFromVolume(volume).shape, truth.shape)
         self.assertIn("cpu", offered_devices(gpu_support()))
         self.assertTrue(testdata.default_test_model().joinpath("model.json").is_file())
+        self.assertTrue(has_sample_model(MODULE_DIR))  # the bundled sample model and its card
+        self.assertIn("not for clinical use", model_description(sample_model_path(MODULE_DIR)))
 
     def test_SegmentSampleVolume(self):
         import tempfile

@@ -1,4 +1,5 @@
-"""A sample volume whose correct segmentation is known, and the tiny model package that finds it.
+"""A sample volume whose correct segmentation is known, and the tiny model package that finds it; a
+cardiac phantom for the bundled sample model.
 
 The shipped test model (``Resources/TestModel``) is a valid mpcl model package whose ONNX network
 scores each pixel by its distance to one intensity per class (logit_c = -s (x - mu_c)^2), with no
@@ -64,6 +65,38 @@ def sample_volume(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     intensities = np.asarray(CLASS_INTENSITIES)[labels] + rng.uniform(-NOISE, NOISE, labels.shape)
     ijk_to_ras = ijk_to_ras_from_lps(SAMPLE_SPACING, SAMPLE_ORIGIN, oblique_direction())
     return np.round(intensities).astype(np.int16), ijk_to_ras, labels
+
+
+# A short-axis cardiac cine MRI look-alike for the bundled sample model (Resources/SampleModel): ACDC's
+# in-plane size and spacing, thick slices, the LV blood pool as a bright disc in a dark myocardial ring,
+# the RV as a bright crescent beside it, a bright fat rim around the body (as ACDC intensities: 0-1).
+PHANTOM_SHAPE = (6, 256, 216)  # (k, j, i)
+PHANTOM_SPACING = (1.5, 1.5, 10.0)  # (x, y, z) mm
+PHANTOM_ORIGIN = (-160.0, -190.0, 35.0)  # LPS mm
+PHANTOM_CLASS_NAMES = ("background", "RV", "myocardium", "LV")  # the ACDC labels 0-3
+
+
+def cardiac_phantom(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intensities int16 (k, j, i) 0-1000, IJK-to-RAS 4x4 (oblique), labels uint8 (k, j, i): 1 RV,
+    2 myocardium, 3 LV). The LV shrinks from base to apex; no ACDC data is used."""
+    nz, ny, nx = PHANTOM_SHAPE
+    j, i = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    body = ((j - 128.0) / 105.0) ** 2 + ((i - 108.0) / 95.0) ** 2
+    from_lv = np.hypot(j - 120.0, i - 100.0)
+    from_rv = np.hypot((j - 128.0) / 1.2, i - 66.0)
+    image = np.zeros(PHANTOM_SHAPE, np.float32)
+    labels = np.zeros(PHANTOM_SHAPE, np.uint8)
+    for k in range(nz):
+        radius = 20.0 - 1.5 * k  # the LV cavity, in voxels
+        labels[k][(from_rv <= radius + 6.0) & (from_lv > radius + 9.0)] = 1
+        labels[k][(from_lv > radius) & (from_lv <= radius + 7.0)] = 2
+        labels[k][from_lv <= radius] = 3
+        image[k] = np.where(body <= 1.0, 0.9, 0.02)  # the fat rim, the air outside
+        image[k][body <= 0.85] = 0.18
+        image[k][labels[k] > 0] = np.asarray([0.0, 0.42, 0.12, 0.45], np.float32)[labels[k][labels[k] > 0]]
+    image += np.random.default_rng(seed).normal(0.0, 0.02, PHANTOM_SHAPE).astype(np.float32)
+    intensities = np.round(np.clip(image, 0.0, 1.0) * 1000.0).astype(np.int16)
+    return intensities, ijk_to_ras_from_lps(PHANTOM_SPACING, PHANTOM_ORIGIN, oblique_direction()), labels
 
 
 def default_test_model() -> Path:
