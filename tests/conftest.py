@@ -50,6 +50,23 @@ def tiny_config_dict(
     }
 
 
+def write_tiny_config(tmp_path: Path, text: str | None = None, **changes) -> Path:
+    """A 3-iteration Mean Teacher phantom config as YAML in ``tmp_path`` (runs in ``tmp_path/run``), with
+    dotted-key ``changes`` (``train.lr=...``) applied, or ``text`` written verbatim instead."""
+    import yaml
+
+    data = tiny_config_dict(tmp_path / "run", "mean_teacher", iterations=3, consistency_start=0)
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     from mpcl.training.config import config_from_dict

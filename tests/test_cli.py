@@ -7,31 +7,16 @@ import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import yaml
 from click.testing import CliRunner
 
 from mpcl.cli_segment import segment_main
 from mpcl.training.cli import eval_main, train_main
-from tests.conftest import tiny_config_dict
+from tests.conftest import write_tiny_config
 
 
-def _write_config(tmp_path, **changes):
-    data = tiny_config_dict(tmp_path / "run", "mean_teacher", iterations=3, consistency_start=0)
-    for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-@pytest.mark.slow
 def test_train_then_eval_then_resume(tmp_path):
     runner = CliRunner()
-    config = _write_config(tmp_path)
+    config = write_tiny_config(tmp_path)
     result = runner.invoke(train_main, ["--config", str(config), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "best checkpoint:" in result.output
@@ -111,7 +96,7 @@ def test_train_then_eval_then_resume(tmp_path):
     ],
 )
 def test_train_errors_are_one_sentence(tmp_path, args_or_changes, expected):
-    config = _write_config(tmp_path, **args_or_changes)
+    config = write_tiny_config(tmp_path, **args_or_changes)
     result = CliRunner().invoke(train_main, ["--config", str(config), "--no-progress"])
     assert result.exit_code == 2
     assert expected in result.output
@@ -152,7 +137,7 @@ def _fake_acdc(root, label_value=1, drop_label=False, missing_slice=False):
 def test_bad_acdc_data_stops_with_the_file_named(tmp_path, fake, expected):
     root = tmp_path / "acdc"
     _fake_acdc(root, **fake)
-    config = _write_config(
+    config = write_tiny_config(
         tmp_path, **{"data.kind": "acdc", "data.root": str(root), "data.labeled_slices": 4}
     )
     result = CliRunner().invoke(train_main, ["--config", str(config), "--no-progress"])

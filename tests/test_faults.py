@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import yaml
 from click.testing import CliRunner
 
 from mpcl import Segmenter
@@ -34,7 +33,7 @@ from mpcl.errors import InputError, ModelPackageError, OutputError
 from mpcl.io import TEMPORARY_PREFIX, ImageGeometry, write_image
 from mpcl.model_package import MODEL_JSON, sha256_of
 from mpcl.training.cli import eval_main, train_main
-from tests.conftest import tiny_config_dict
+from tests.conftest import write_tiny_config
 from tests.segment_helpers import GEOMETRY, phantom_volume, sitk_image, write_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -456,19 +455,6 @@ def test_saving_into_a_read_only_folder_is_one_sentence(package_dir, scan, tmp_p
 
 
 # ------------------------------------------------------------------------------------- mpcl-train
-def _config(tmp_path: Path, text: str | None = None, **changes) -> Path:
-    data = tiny_config_dict(tmp_path / "run", "mean_teacher", iterations=3, consistency_start=0)
-    for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(text if text is not None else yaml.safe_dump(data))
-    return path
-
-
 @pytest.mark.parametrize(
     ("changes", "sentence"),
     [
@@ -485,7 +471,7 @@ def _config(tmp_path: Path, text: str | None = None, **changes) -> Path:
     ],
 )
 def test_bad_config_values_are_one_sentence(tmp_path, changes, sentence):
-    config = _config(tmp_path, **changes)
+    config = write_tiny_config(tmp_path, **changes)
     result = CliRunner().invoke(train_main, ["--config", str(config), "--no-progress"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.startswith(f"Error: {config}: ") and len(result.output.strip().splitlines()) == 1
@@ -494,7 +480,7 @@ def test_bad_config_values_are_one_sentence(tmp_path, changes, sentence):
 
 
 def test_a_yaml_float_inf_spelling_is_refused(tmp_path):
-    config = _config(tmp_path, **{"train.lr": 0.01})
+    config = write_tiny_config(tmp_path, **{"train.lr": 0.01})
     text = config.read_text().replace("lr: 0.01", "lr: .inf")
     assert "lr: .inf" in text
     config.write_text(text)
@@ -503,14 +489,14 @@ def test_a_yaml_float_inf_spelling_is_refused(tmp_path):
 
 
 def test_a_non_utf8_config_is_one_sentence(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_bytes(yaml.safe_dump(tiny_config_dict(tmp_path / "run")).encode() + b"# caf\xe9\n")
+    config = write_tiny_config(tmp_path)
+    config.write_bytes(config.read_bytes() + b"# caf\xe9\n")
     result = CliRunner().invoke(train_main, ["--config", str(config), "--no-progress"])
     assert result.exit_code == 2 and f"{config}: is not UTF-8 text (byte 0xe9" in result.output
 
 
 def test_data_root_on_phantom_data_is_refused_not_ignored(tmp_path):
-    config = _config(tmp_path)
+    config = write_tiny_config(tmp_path)
     result = CliRunner().invoke(train_main, ["--config", str(config), "--data-root", str(tmp_path)])
     assert result.exit_code == 2 and "data.kind is phantom" in result.output
     assert not (tmp_path / "run").exists()
@@ -518,7 +504,7 @@ def test_data_root_on_phantom_data_is_refused_not_ignored(tmp_path):
 
 def test_an_output_dir_that_is_a_file_is_refused_before_training(tmp_path):
     (tmp_path / "run").write_text("not a folder")
-    result = CliRunner().invoke(train_main, ["--config", str(_config(tmp_path)), "--no-progress"])
+    result = CliRunner().invoke(train_main, ["--config", str(write_tiny_config(tmp_path)), "--no-progress"])
     assert result.exit_code == 2 and f"{tmp_path / 'run'}: cannot write into this folder" in result.output
     assert (tmp_path / "run").read_text() == "not a folder"
 
@@ -526,14 +512,14 @@ def test_an_output_dir_that_is_a_file_is_refused_before_training(tmp_path):
 def test_a_read_only_output_dir_is_refused_before_training(tmp_path, read_only):
     (tmp_path / "run").mkdir()
     read_only(tmp_path / "run")
-    result = CliRunner().invoke(train_main, ["--config", str(_config(tmp_path)), "--no-progress"])
+    result = CliRunner().invoke(train_main, ["--config", str(write_tiny_config(tmp_path)), "--no-progress"])
     assert result.exit_code == 2 and "(the file system is read-only)" in result.output
     assert list((tmp_path / "run").iterdir()) == []
 
 
 @pytest.mark.slow
 def test_a_full_disk_during_training_is_one_sentence_and_no_partial_checkpoint(tmp_path):
-    config = _config(tmp_path)
+    config = write_tiny_config(tmp_path)
     code = (
         "import sys\nfrom mpcl.training.cli import train_main\n"
         f"sys.argv = ['mpcl-train', '--config', {str(config)!r}, '--no-progress']\ntrain_main()\n"
@@ -549,7 +535,7 @@ def test_a_full_disk_during_training_is_one_sentence_and_no_partial_checkpoint(t
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("trained")
-    config = _config(folder)
+    config = write_tiny_config(folder)
     result = CliRunner().invoke(train_main, ["--config", str(config), "--no-progress"])
     assert result.exit_code == 0, result.output
     return folder / "run" / "best.pt"
