@@ -67,6 +67,7 @@ class SegmentArgs:
     threads: int | None
     no_postprocess: bool
     quiet: bool
+    progress_lines: bool
 
 
 @click.command(
@@ -117,6 +118,12 @@ class SegmentArgs:
 @threads_option("CPU threads for the backend (default: all cores).")
 @click.option("--no-postprocess", is_flag=True, help="Skip the package's post-processing.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the per-case lines and errors.")
+@click.option(
+    "--progress-lines",
+    is_flag=True,
+    help="Also print '@mpcl progress FRACTION MESSAGE' lines as each case advances (slice batches), "
+    "for a parent process such as the 3D Slicer module; FRACTION covers the batch from 0.2 to 1.",
+)
 @version_option()
 @click.pass_obj
 def segment_command(outcome: list[int] | None, **options) -> int:
@@ -196,6 +203,21 @@ def _emit(line: str) -> None:
     print(line, flush=True)
 
 
+PROGRESS_START = 0.2  # the parent's bar before the first case: runtime and model loaded
+
+
+def _progress_printer(index: int, total: int):
+    """A Segmenter progress callback printing the line protocol's ``@mpcl progress`` lines: case
+    ``index`` of ``total`` spans its share of [PROGRESS_START, 1]."""
+    share = (1.0 - PROGRESS_START) / total
+
+    def report(fraction: float, message: str) -> None:
+        overall = PROGRESS_START + share * (index - 1 + min(max(fraction, 0.0), 1.0))
+        _emit(f"@mpcl progress {overall:.4f} [{index}/{total}] {message}")
+
+    return report
+
+
 def _run(args: SegmentArgs) -> int:
     from mpcl.inputs import case_name, dicom_series_image
     from mpcl.segmenter import Segmenter, output_paths, refuse_existing, refuse_input_as_output
@@ -233,6 +255,7 @@ def _run(args: SegmentArgs) -> int:
                 uncertainty=args.uncertainty,
                 overwrite=args.overwrite,
                 dicom_series=args.series,
+                progress_callback=_progress_printer(index, total) if args.progress_lines else None,
             )
         except MPCLError as error:
             failures += 1

@@ -121,3 +121,29 @@ def test_cli_in_a_subprocess(package_dir, cases, tmp_path):
     )  # fmt: skip
     assert missing.returncode == 1 and "file or folder does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_progress_lines_follow_the_slices_of_each_case(package_dir, cases, tmp_path, capsys):
+    """``--progress-lines``: the '@mpcl progress' protocol lines the Slicer module turns into its bar,
+    rising from 0.2 to 1 across the cases, between the unchanged per-case lines."""
+    code, lines, _ = _run(
+        capsys,
+        *cases,
+        "-o",
+        tmp_path / "out",
+        "--model",
+        package_dir,
+        "--progress-lines",
+        "--batch-size",
+        "2",
+    )
+    assert code == 0
+    progress = [line for line in lines if line.startswith("@mpcl progress ")]
+    fractions = [float(line.split()[2]) for line in progress]
+    assert len(progress) > 2 * 3  # several batches per case (6 slices, 2 per batch)
+    assert fractions == sorted(fractions) and fractions[0] >= 0.2 and fractions[-1] == 1.0
+    assert any("[1/2]" in line for line in progress) and any("[2/2]" in line for line in progress)
+    assert [line.split(" ->")[0] for line in lines if not line.startswith("@mpcl")] == [
+        "[1/2] done case_0",
+        "[2/2] done case_1",
+    ]

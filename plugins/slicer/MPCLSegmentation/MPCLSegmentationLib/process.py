@@ -19,7 +19,7 @@ stops the launcher's and the child's trees.
 * ``@mpcl pid PID``: the bootstrap, before anything else: the PID of the Python child, leader of its
   process group;
 * ``@mpcl progress FRACTION MESSAGE``: a step forward, ``FRACTION`` in [0, 1] (the bootstrap prints
-  one while the runtime loads; a runtime may print more, e.g. per slice);
+  one while the runtime loads; ``mpcl-segment --progress-lines`` prints one per batch of slices);
 * ``INFO mpcl.segment: backend: NAME on DEVICE (DETAIL)`` once the network is loaded, after
   ``... backend: skipped NAME on DEVICE: REASON; ...`` when faster choices could not be used;
 * ``[i/n] done NAME -> PATH (S s, BACKEND)``, ``[i/n] failed SOURCE: REASON`` or
@@ -137,6 +137,7 @@ def segment_command(
         "--device",
         options.device,
         "--overwrite",
+        "--progress-lines",
     ]
     if options.tta:
         arguments.append("--tta")
