@@ -34,13 +34,21 @@ class LoadedImage:
     name: str
 
 
+NNUNET_CHANNEL_SUFFIX = "_0000"  # nnU-Net raw images are CASE_0000.nii.gz (channel 0); labels are CASE
+
+
 def case_name(path: str | os.PathLike) -> str:
-    """File name without its image suffix (``case_001.nii.gz`` -> ``case_001``); folders keep their name."""
+    """File name without its image suffix (``case_001.nii.gz`` -> ``case_001``) and without nnU-Net's
+    channel suffix (``la_003_0000.nii.gz`` -> ``la_003``, so the segmentation is named like its label
+    file); folders keep their name."""
     name = Path(path).name
     lower = name.lower()
     for suffix in IMAGE_SUFFIXES:
         if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
+            stem = name[: -len(suffix)]
+            if stem.endswith(NNUNET_CHANNEL_SUFFIX) and len(stem) > len(NNUNET_CHANNEL_SUFFIX):
+                stem = stem[: -len(NNUNET_CHANNEL_SUFFIX)]
+            return stem
     return name
 
 

@@ -147,3 +147,11 @@ def test_progress_lines_follow_the_slices_of_each_case(package_dir, cases, tmp_p
         "[1/2] done case_0",
         "[2/2] done case_1",
     ]
+
+
+def test_nnunet_channel_suffix_is_dropped_from_output_names(package_dir, tmp_path, capsys):
+    """nnU-Net raw images are CASE_0000.nii.gz and their labels CASE.nii.gz: the segmentation is CASE."""
+    source = write_image(phantom_volume(seed=3), GEOMETRY, tmp_path / "la_003_0000.nii.gz")
+    code, lines, _ = _run(capsys, source, "-o", tmp_path / "out", "--model", package_dir)
+    assert code == 0 and lines[-1].startswith("[1/1] done la_003 -> ")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["la_003.nii.gz"]
