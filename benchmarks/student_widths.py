@@ -39,7 +39,7 @@ def shipped_widths() -> dict[tuple[int, ...], list[str]]:
 
     widths: dict[tuple[int, ...], list[str]] = {tuple(TEACHER_WIDTHS): ["teacher"]}
     for path in sorted((REPO / "configs" / "distill").glob("*.yaml")):
-        widths.setdefault(tuple(load_distill_config(path).channels), []).append(path.name)
+        widths.setdefault(tuple(load_distill_config(path).model.channels), []).append(path.name)
     return widths
 
 

@@ -40,7 +40,9 @@ from mpcl.cli_common import (
     "--distill",
     "distill_config",
     type=click.Path(path_type=Path),
-    help="Train a compact student from this YAML config (configs/distill/small.yaml) and ship it.",
+    help="Train a compact student from this YAML config (configs/distill/small.yaml) and ship it; the "
+    "training run (logs, curves, checkpoints) is kept in <OUT>.distill/ and resumed from there if "
+    "interrupted.",
 )
 @click.option(
     "--max-dice-drop",

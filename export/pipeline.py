@@ -69,7 +69,9 @@ class ExportOptions:
     fp16: bool = False
     bf16: bool = False  # OpenVINO's bf16 run of the fp32 graph, on CPUs with native bf16
     trt: bool = False
-    distill: str | Path | None = None  # a distillation YAML (configs/distill/small.yaml)
+    # a distillation YAML (configs/distill/small.yaml); the Trainer runs in <out_dir>.distill/ (best.pt,
+    # latest.pt, train_log.csv, val_log.csv, curves.png) and resumes from its latest.pt if one is there
+    distill: str | Path | None = None
     student_checkpoint: str | Path | None = None  # where the distilled student is kept; default beside
     max_dice_drop: float = 1.0  # Dice points (1 point = 0.01) an artefact may lose vs the source model
     calibration_slices: int = 128
@@ -160,11 +162,10 @@ def export_package(
         reason = bf16_unavailable()
         if reason is not None:
             raise InputError(f"--bf16: {reason}")
-    distill_config = None
-    if options.distill is not None:
+    if options.distill is not None:  # a bad distillation config stops before any work
         from mpcl.export.distill import load_distill_config
 
-        distill_config = load_distill_config(options.distill)
+        load_distill_config(options.distill)
     state = load_source(source)
     metadata = state["metadata"]
     postprocessing = package_postprocessing(source, options.postprocessing, metadata["class_names"])
@@ -190,9 +191,9 @@ def export_package(
         run.echo(f"source model: validation Dice {source_dice:.4f} on {len(data.val_volumes)} volumes")
 
     network, network_spec, distillation = reference, spec, None
-    if distill_config is not None:
+    if options.distill is not None:
         network, network_spec, distillation = _distill(
-            run, state, source, out_dir, distill_config, data, reference, spec, source_dice, batch
+            run, state, source, out_dir, data, reference, spec, source_dice, batch
         )
     folded = fold_batch_norm(network)
     fold = compare_logits(torch_logits(network, batch), torch_logits(folded, batch), THRESHOLDS["fold"])
@@ -261,7 +262,7 @@ def _config_for(config: Mapping[str, Any], network_spec: Mapping[str, Any], dist
     return config
 
 
-def _distill(run, state, source, out_dir, config, data, reference, spec, source_dice, batch):
+def _distill(run, state, source, out_dir, data, reference, spec, source_dice, batch):
     """Step 1b: train the compact student, keep its checkpoint, and gate it on validation Dice."""
     from mpcl.export.distill import distill, forward_seconds
     from mpcl.training.trainer import stored_config
@@ -269,17 +270,18 @@ def _distill(run, state, source, out_dir, config, data, reference, spec, source_
     options = run.options
     stored = stored_config(state, "the checkpoint")
     result = distill(
-        reference,
+        source,
         data,
-        config,
-        tuple(stored.data.patch_size),
-        stored.augment,
+        options.distill,
+        stored.to_dict(),
+        out_dir.parent / f"{out_dir.name}.distill",
         source_dice,
         options.progress,
         echo=run.echo,
-        resize=stored.evaluation.resize,
     )
-    student_spec = {**spec, "channels": list(config.channels), "dropout": list(config.dropout)}
+    hyper = result.student.hyperparameters()
+    channels = hyper["channels"]
+    student_spec = {**spec, **{key: hyper[key] for key in ("channels", "dropout", "decoder_dropout")}}
     sample = torch.from_numpy(batch[:8])
     teacher_seconds = forward_seconds(fold_batch_norm(reference), sample)
     speedup = teacher_seconds / forward_seconds(fold_batch_norm(result.student), sample)
@@ -296,8 +298,9 @@ def _distill(run, state, source, out_dir, config, data, reference, spec, source_
         },
     )
     run.echo(
-        f"distilled student {config.channels}: {check.describe()}; Dice retention "
-        f"{100 * result.retention:.1f}%, torch eager speed-up {speedup:.2f}x; checkpoint {path}"
+        f"distilled student {channels}: {check.describe()}; Dice retention "
+        f"{100 * result.retention:.1f}%, torch eager speed-up {speedup:.2f}x; checkpoint {path} "
+        f"(training run {result.run_dir})"
     )
     if not check.passed:
         raise CheckFailed(
@@ -305,13 +308,14 @@ def _distill(run, state, source, out_dir, config, data, reference, spec, source_
             f"{options.max_dice_drop:g}); nothing was written to {out_dir}, the student is kept at {path}"
         )
     record = {
-        "channels": list(config.channels),
+        "channels": list(channels),
         "teacher_channels": list(spec.get("channels", [])),
         "iterations": result.iterations,
         "best_iteration": result.best_iteration,
         "dice_retention": result.retention,
         "torch_eager_speedup": speedup,
         "student_checkpoint": path.name,
+        "training_run": result.run_dir.name,
         **check.record(),
     }
     return result.student, student_spec, record

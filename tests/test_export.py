@@ -211,8 +211,9 @@ DISTILL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "dis
 def test_shipped_distill_configs_are_valid(path):
     from mpcl.export.distill import load_distill_config
 
-    config = load_distill_config(path)
-    assert len(config.channels) == 5 and config.channels[0] < 16
+    config = load_distill_config(path)  # an ordinary experiment config of the distill method
+    assert config.method.name == "distill" and config.train.iterations == 3000
+    assert len(config.model.channels) == 5 and config.model.channels[0] < 16
 
 
 def test_both_distill_configs_are_shipped():
@@ -222,11 +223,16 @@ def test_both_distill_configs_are_shipped():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("chanels: [2, 4, 4, 8, 8]\n", r"unknown key 'distill.chanels' \(did you mean 'channels'\?\)"),
-        ("channels: [2, 4, 8]\n", "channels must be 5 positive widths"),
-        ("temperature: 0\n", "temperature must be > 0"),
-        ("iterations: many\n", "distill.iterations must be an integer"),
-        ("kd_weight: 0\ndice_weight: 0\n", "cannot both be 0"),
+        (
+            "model:\n  chanels: [2, 4, 4, 8, 8]\n",
+            r"unknown key 'config.model.chanels' \(did you mean 'channels'",
+        ),
+        ("channels: [2, 4, 4, 8, 8]\n", "unknown key 'distill.channels'"),  # the old, flat shape
+        ("model:\n  channels: [2, 4, 8]\n", "model.channels and model.dropout must each list 5 values"),
+        ("method:\n  params:\n    temperature: 0\n", "method.params.temperature must be > 0"),
+        ("train:\n  iterations: many\n", "config.train.iterations must be an integer"),
+        ("method:\n  params: {kd_weight: 0, dice_weight: 0}\n", "cannot both be 0"),
+        ("method:\n  name: bcp\n", "distill.method.name must be 'distill'"),
         ("[unclosed\n", "not valid YAML"),
     ],
 )

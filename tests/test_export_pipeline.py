@@ -207,8 +207,8 @@ def test_existing_package_needs_overwrite_and_a_package_can_be_the_source(int8_p
 def test_distillation_trains_a_compact_student_and_reports_retention(checkpoint, tmp_path):
     config = tmp_path / "distill.yaml"
     config.write_text(
-        "channels: [2, 4, 4, 8, 8]\niterations: 4\nlabeled_batch: 2\nunlabeled_batch: 2\nval_every: 2\n"
-        "device: cpu\n"
+        "model: {channels: [2, 4, 4, 8, 8]}\n"
+        "train: {iterations: 4, labeled_batch: 2, unlabeled_batch: 2, val_every: 2, device: cpu}\n"
     )
     out = tmp_path / "student"
     result = _export(
@@ -226,13 +226,17 @@ def test_distillation_trains_a_compact_student_and_reports_retention(checkpoint,
     )
     assert distillation["torch_eager_speedup"] > 0 and distillation["best_iteration"] in (2, 4)
     assert (tmp_path / "student.student.pt").is_file()
+    run = tmp_path / "student.distill"  # the Trainer's run: logs, curves, checkpoints
+    assert {"train_log.csv", "val_log.csv", "best.pt", "latest.pt"} <= {p.name for p in run.iterdir()}
+    assert distillation["training_run"] == run.name
     assert Segmenter.from_pretrained(out, device="cpu").backend.name == auto_cpu_backend()
 
 
 def test_refused_student_writes_no_package_but_keeps_its_checkpoint(checkpoint, tmp_path):
     config = tmp_path / "distill.yaml"
     config.write_text(
-        "channels: [2, 2, 2, 2, 2]\niterations: 1\nlabeled_batch: 1\nunlabeled_batch: 0\nval_every: 1\n"
+        "model: {channels: [2, 2, 2, 2, 2]}\n"
+        "train: {iterations: 1, labeled_batch: 1, unlabeled_batch: 0, val_every: 1}\n"
     )
     out = tmp_path / "student"
     result = _export(checkpoint, "-o", out, "--distill", config, "--max-dice-drop", 0, "--no-progress")

@@ -7,12 +7,15 @@ from mpcl.training.config_schema import MethodConfig, dataclass_from_dict
 from mpcl.training.methods.barl import BARL
 from mpcl.training.methods.base import Method, Models, StepInfo
 from mpcl.training.methods.bcp import BCP
+from mpcl.training.methods.distill import Distill
 from mpcl.training.methods.mean_teacher import MeanTeacher
 from mpcl.training.methods.mpcl import MPCL
 from mpcl.training.methods.pccs import PCCS
 from mpcl.training.methods.supervised import Supervised
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Supervised, MeanTeacher, BCP, MPCL, BARL, PCCS)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Supervised, MeanTeacher, BCP, MPCL, BARL, PCCS, Distill)
+}
 
 
 def method_class(name: str) -> type[Method]:
