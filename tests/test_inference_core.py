@@ -217,7 +217,7 @@ def test_eval_model_equals_segment_on_the_same_nifti_scans(tmp_path):
     for scan in scans:
         case = scan.name.replace("_0000.nii.gz", "")
         evaluated, eval_geometry = read_image(tmp_path / "eval" / f"{case}.nii.gz")
-        segmented, segment_geometry = read_image(tmp_path / "segment" / f"{case}_0000.nii.gz")
+        segmented, segment_geometry = read_image(tmp_path / "segment" / f"{case}.nii.gz")
         np.testing.assert_array_equal(evaluated, segmented, err_msg=case)  # voxel for voxel
         np.testing.assert_allclose(eval_geometry.spacing, segment_geometry.spacing, rtol=1e-6)
         np.testing.assert_allclose(eval_geometry.origin, segment_geometry.origin, atol=1e-4)
