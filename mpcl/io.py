@@ -148,7 +148,7 @@ def write_failure_reason(error: OSError) -> str | None:
 
 def output_error(path: str | os.PathLike, error: OSError) -> OutputError:
     """One sentence for a failed write, naming the final path (not our temporary) and the cause."""
-    reason = _WRITE_FAILURES.get(error.errno or -1, error.strerror or str(error))
+    reason = write_failure_reason(error) or error.strerror or str(error)
     return OutputError(f"{path}: cannot be written ({reason}); nothing was left under this name")
 
 
@@ -212,7 +212,7 @@ def check_writable_folder(folder: str | os.PathLike) -> Path:
         os.unlink(probe)
     except OSError as error:
         reason = "it is a file, not a folder" if error.errno == errno.ENOTDIR else None
-        reason = reason or _WRITE_FAILURES.get(error.errno or -1, error.strerror or str(error))
+        reason = reason or write_failure_reason(error) or error.strerror or str(error)
         raise OutputError(f"{folder}: cannot write into this folder ({reason})") from None
     return folder
 

@@ -19,23 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from mpcl.errors import InputError
+from mpcl.inputs import case_name  # a file's case: name without image suffix and nnU-Net _0000 tag
 from mpcl.io import ImageGeometry, read_image
 from mpcl.preprocessing import normalize_intensity, through_plane_axis
 from mpcl.training.config_schema import DataConfig
 from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
-
-def case_name(path: Path) -> str:
-    """The case a file of an nnU-Net-layout folder belongs to: its name without the image suffix and
-    the ``_0000`` channel tag (``imagesTr/heart_003_0000.nii.gz`` -> ``heart_003``)."""
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name[:-5] if name.endswith("_0000") else name
 
 
 def image_files(folder: Path) -> dict[str, Path]:
