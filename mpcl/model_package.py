@@ -6,6 +6,12 @@ the optional post-processing, and every network file with its SHA-256, so that a
 file is caught before it silently produces a wrong segmentation. Unknown format versions are refused
 rather than guessed at. Reading a package needs neither torch nor onnxruntime.
 
+A model trained on a planned dataset (``mpcl-plan``) also records its planned geometry in ``resampling``
+(``slice_axis`` z/y/x, ``in_plane: target_spacing`` with ``target_spacing_mm``, ``crop: nonzero``; see
+``mpcl.planned_geometry``) and may normalise with the ``ct`` scheme's fixed dataset statistics. Packages
+without them load and segment exactly as before; a runtime that predates them refuses such a package
+(an unknown resampling policy or scheme) rather than segmenting at the wrong scale.
+
 ``mpcl-export`` adds optional files within format version 1 (older packages stay valid): int8 and fp16
 ONNX variants (roles ``onnx_int8``, ``onnx_fp16``) and a TensorRT engine whose entry records the GPU name
 and TensorRT version it was built for; each entry also records the check it passed (parity, Dice).
@@ -21,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpcl.errors import ModelPackageError
+from mpcl.errors import InputError, ModelPackageError
 from mpcl.io import write_atomically
-from mpcl.preprocessing import NORMALIZATION_SCHEMES
+from mpcl.planned_geometry import SLICING_AXES, PlannedGeometry
+from mpcl.preprocessing import ALL_SCHEMES, CT_PARAMETERS
 
 PACKAGE_FORMAT = "mpcl-model-package"
 PACKAGE_VERSION = 1
@@ -57,6 +64,8 @@ RESAMPLING_POLICIES: dict[str, dict[str, Any]] = {
     "linear": RESAMPLING_POLICY,
     "nearest": NEAREST_RESAMPLING_POLICY,
 }
+# Keys of ``resampling`` that a planned geometry adds or changes (PlannedGeometry.resampling_entries).
+PLANNED_RESAMPLING_KEYS = ("slice_axis", "in_plane", "target_spacing_mm", "crop")
 
 # 3D Slicer's generic anatomy colours, so segments look familiar there; background is black.
 DEFAULT_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -135,6 +144,7 @@ class ModelPackage:
     files: dict[str, PackageFile]
     mpcl_version: str
     name: str = ""
+    planned: PlannedGeometry = field(default_factory=PlannedGeometry)  # unplanned unless model.json says
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +153,7 @@ class ModelPackage:
     @property
     def resize(self) -> str:
         """``linear`` or ``nearest``: the key of :data:`RESAMPLING_POLICIES` this package uses."""
-        return next(key for key, policy in RESAMPLING_POLICIES.items() if policy == self.resampling)
+        return _policy_key(self.resampling)
 
     @property
     def class_names(self) -> list[str]:
@@ -237,7 +247,10 @@ def build_model_json(
         "in_channels": int(metadata.get("in_channels", 1)),
         "normalization": dict(metadata["normalization"]),
         "patch_size": [int(v) for v in metadata["patch_size"]],
-        "resampling": dict(RESAMPLING_POLICIES[str(metadata.get("resize", "linear"))]),
+        "resampling": {
+            **RESAMPLING_POLICIES[str(metadata.get("resize", "linear"))],
+            **PlannedGeometry.from_dict(metadata.get("planned_geometry")).resampling_entries(),
+        },
         "postprocessing": dict(postprocessing or {"largest_component": [], "fill_holes": []}),
         "network": dict(metadata.get("network", {})),
         "files": {role: dict(entry) for role, entry in files.items()},
@@ -274,19 +287,79 @@ def _check_number(where: Path, key: str, value: Any, low: float, high: float) ->
     return float(value)
 
 
+MAX_INTENSITY = 1e7  # a CT statistic beyond this is a unit mix-up or tampering, not Hounsfield units
+
+
 def _check_normalization(where: Path, normalization: Any) -> None:
-    if not isinstance(normalization, dict) or normalization.get("scheme") not in NORMALIZATION_SCHEMES:
-        raise _fail(
-            where, f"normalization.scheme must be one of {list(NORMALIZATION_SCHEMES)}, got {normalization!r}"
-        )
+    if not isinstance(normalization, dict) or normalization.get("scheme") not in ALL_SCHEMES:
+        raise _fail(where, f"normalization.scheme must be one of {list(ALL_SCHEMES)}, got {normalization!r}")
     if normalization["scheme"] == "percentile":
         lower = _check_number(where, "normalization.lower", normalization.get("lower", 0.5), 0, 100)
         upper = _check_number(where, "normalization.upper", normalization.get("upper", 99.5), 0, 100)
         if lower >= upper:
             raise _fail(where, f"normalization.lower ({lower}) must be below normalization.upper ({upper})")
-    unknown = set(normalization) - {"scheme", "lower", "upper"}
+    allowed = {"scheme", "lower", "upper"}
+    if normalization["scheme"] == "ct":
+        allowed = {"scheme", *CT_PARAMETERS}
+        missing = [key for key in CT_PARAMETERS if key not in normalization]
+        if missing:
+            raise _fail(where, f"the ct normalization needs {list(CT_PARAMETERS)}; missing {missing}")
+        lower, upper, _, std = (
+            _check_number(where, f"normalization.{key}", normalization[key], -MAX_INTENSITY, MAX_INTENSITY)
+            for key in CT_PARAMETERS
+        )
+        if lower >= upper or std <= 0:
+            raise _fail(
+                where,
+                f"the ct normalization needs clip_lower < clip_upper and std > 0, got {normalization!r}",
+            )
+    unknown = set(normalization) - allowed
     if unknown:
         raise _fail(where, f"normalization holds unknown key(s) {sorted(unknown)}")
+
+
+def _policy_key(resampling: dict[str, Any]) -> str:
+    """The interpolation policy (key of RESAMPLING_POLICIES) of a resampling entry, planned keys aside."""
+    base = {key: value for key, value in resampling.items() if key not in PLANNED_RESAMPLING_KEYS}
+    base.update(slice_axis=RESAMPLING_POLICY["slice_axis"], in_plane=RESAMPLING_POLICY["in_plane"])
+    return next(key for key, policy in RESAMPLING_POLICIES.items() if policy == base)
+
+
+def _parse_resampling(where: Path, raw: Any) -> tuple[dict[str, Any], PlannedGeometry]:
+    """model.json's ``resampling``: one of RESAMPLING_POLICIES, optionally with a planned geometry."""
+    if not isinstance(raw, dict):
+        raise _fail(where, f"resampling must be an object, got {raw!r}")
+    resampling = {**RESAMPLING_POLICY, **raw}
+
+    def refuse(reason: str) -> ModelPackageError:
+        return _fail(
+            where,
+            f"resampling policy {raw!r} is not supported ({reason}); this runtime implements "
+            f"{list(RESAMPLING_POLICIES.values())}, optionally with slice_axis {list(SLICING_AXES[1:])}, "
+            "in_plane 'target_spacing' with target_spacing_mm, and crop 'nonzero'",
+        )
+
+    axis = resampling["slice_axis"]
+    if axis != "coarsest_spacing" and axis not in SLICING_AXES[1:]:
+        raise refuse(f"slice_axis {axis!r}")
+    target = None
+    if resampling["in_plane"] == "target_spacing":
+        target = resampling.get("target_spacing_mm")
+    elif resampling["in_plane"] != "resize_to_patch" or "target_spacing_mm" in resampling:
+        raise refuse(f"in_plane {resampling['in_plane']!r}")
+    crop = resampling.get("crop", "none")
+    if crop not in ("none", "nonzero"):
+        raise refuse(f"crop {crop!r}")
+    try:
+        planned = PlannedGeometry("auto" if axis == "coarsest_spacing" else axis, target, crop == "nonzero")
+        if resampling["in_plane"] == "target_spacing" and target is None:
+            raise InputError("in_plane 'target_spacing' without target_spacing_mm")
+        key = _policy_key(resampling)
+    except InputError as error:
+        raise refuse(str(error)) from None
+    except StopIteration:
+        raise refuse("unknown interpolation") from None
+    return {**RESAMPLING_POLICIES[key], **planned.resampling_entries()}, planned
 
 
 def _class_values(where: Path, key: str, spec: Any, classes: tuple[ClassLabel, ...]) -> tuple[int, ...]:
@@ -360,13 +433,7 @@ def parse_model_json(data: Any, root: Path) -> ModelPackage:
     in_channels = data.get("in_channels", 1)
     if in_channels != 1:
         raise _fail(where, f"in_channels {in_channels!r} is not supported (single-channel images only)")
-    resampling = {**RESAMPLING_POLICY, **data.get("resampling", {})}
-    if resampling not in RESAMPLING_POLICIES.values():
-        raise _fail(
-            where,
-            f"resampling policy {data.get('resampling')!r} is not supported; this runtime implements "
-            f"{list(RESAMPLING_POLICIES.values())}",
-        )
+    resampling, planned = _parse_resampling(where, data.get("resampling", {}))
     raw_post = data.get("postprocessing") or {}
     if not isinstance(raw_post, dict) or set(raw_post) - {"largest_component", "fill_holes"}:
         raise _fail(where, "postprocessing may only hold 'largest_component' and 'fill_holes'")
@@ -418,6 +485,7 @@ def parse_model_json(data: Any, root: Path) -> ModelPackage:
         files=files,
         mpcl_version=str(data.get("mpcl_version", "")),
         name=str(data.get("name", "")),
+        planned=planned,
     )
 
 

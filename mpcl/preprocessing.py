@@ -14,7 +14,13 @@ import numpy as np
 
 from mpcl.errors import InputError
 
+# Per-volume schemes: their parameters (percentile bounds) are optional, their statistics come from each
+# volume. ``ct`` uses the dataset's foreground statistics instead (``CT_PARAMETERS``, measured by mpcl-plan),
+# the same numbers for every scan, so Hounsfield units keep their meaning across scans.
 NORMALIZATION_SCHEMES = ("none", "minmax", "zscore", "percentile")
+DATASET_SCHEMES = ("ct",)
+ALL_SCHEMES = NORMALIZATION_SCHEMES + DATASET_SCHEMES
+CT_PARAMETERS = ("clip_lower", "clip_upper", "mean", "std")
 
 
 class NormalizationAffine(NamedTuple):
@@ -40,7 +46,9 @@ def normalization_affine(
     """The statistics of one whole volume's normalisation (not slice by slice), as training used it.
 
     Schemes: ``none``; ``minmax`` to [0, 1]; ``zscore`` (mean 0, std 1 over the volume); ``percentile``
-    (clip to the ``lower``/``upper`` percentiles, default 0.5/99.5, then min-max), robust for CT/MR outliers.
+    (clip to the ``lower``/``upper`` percentiles, default 0.5/99.5, then min-max), robust for CT/MR outliers;
+    ``ct`` (clip to ``clip_lower``/``clip_upper``, then subtract ``mean`` and divide by ``std``: fixed
+    dataset statistics, given in ``params``, so nothing is measured on the volume).
     """
     params = dict(params or {})
     data = np.asarray(volume, dtype=np.float32)
@@ -48,6 +56,8 @@ def normalization_affine(
         raise InputError("image contains non-finite values (NaN or inf); cannot normalise it")
     if scheme == "none":
         return IDENTITY
+    if scheme == "ct":
+        return ct_affine(params)
     if scheme == "zscore":
         std = float(data.std())
         return NormalizationAffine(-np.inf, np.inf, float(data.mean()), std if std > 0 else 1.0)
@@ -60,10 +70,23 @@ def normalization_affine(
         lower, upper = -np.inf, np.inf
         low, high = float(data.min()), float(data.max())
     else:
-        raise InputError(f"unknown normalisation scheme {scheme!r}; expected one of {NORMALIZATION_SCHEMES}")
+        raise InputError(f"unknown normalisation scheme {scheme!r}; expected one of {ALL_SCHEMES}")
     if high <= low:
         return ZEROS
     return NormalizationAffine(lower, upper, low, high - low)
+
+
+def ct_affine(params: Mapping) -> NormalizationAffine:
+    """The ``ct`` scheme's affine from its four dataset statistics (``CT_PARAMETERS``)."""
+    missing = [key for key in CT_PARAMETERS if key not in params]
+    if missing:
+        raise InputError(f"the ct normalisation needs {list(CT_PARAMETERS)}; missing {missing}")
+    lower, upper, mean, std = (float(params[key]) for key in CT_PARAMETERS)
+    if not all(np.isfinite([lower, upper, mean, std])) or lower >= upper or std <= 0:
+        raise InputError(
+            f"the ct normalisation needs finite clip_lower < clip_upper and std > 0, got {dict(params)}"
+        )
+    return NormalizationAffine(lower, upper, mean, std)
 
 
 def apply_normalization(data: np.ndarray, affine: NormalizationAffine) -> np.ndarray:

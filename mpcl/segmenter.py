@@ -8,8 +8,9 @@
 
 The Segmenter reads the scan, hands its voxels to the one inference core (``mpcl.inference``: the
 package's normalisation, slices along the through-plane axis, resize to the patch, the backend, softmax,
-resize back, argmax, the package's post-processing) and puts the labels back on the scan's exact grid
-(size, spacing, origin, direction). Training validation, ``mpcl-eval`` and the export's Dice gate run
+resize back, argmax, the package's post-processing; for a model of a planned dataset also its crop,
+slicing axis and target spacing) and puts the labels back on the scan's exact grid (size, spacing,
+origin, direction). Training validation, ``mpcl-eval`` and the export's Dice gate run
 the same core, so a model is scored the way it is deployed.
 
 With the torch backend on a CUDA GPU and triton installed (``fused_kernels``; the backend declares it in
@@ -264,6 +265,8 @@ class Segmenter:
         reason = capabilities.fused_reason or f"the {self.backend.name} backend has none"
         if self.fused and self.package.resize != "linear":
             self.fused, reason = False, "the package resizes with nearest-neighbour zoom, which they lack"
+        if self.fused and self.package.planned.target_spacing is not None:
+            self.fused, reason = False, "the package resamples slices to a target spacing, which they do not"
         if fused_kernels == "on" and not self.fused:
             raise ConfigError(f"fused_kernels='on' needs the torch backend on a CUDA GPU: {reason}")
         log.info(
@@ -354,7 +357,7 @@ class Segmenter:
         geometry, name = loaded.geometry, loaded.name
         report(0.05, f"{name}: normalising")
         settings = self.settings(tta, want_probabilities, want_uncertainty)
-        data, affine = prepare_volume(loaded.array, settings, timings)
+        data, affine, crop_box = prepare_volume(loaded.array, settings, timings)
         del loaded  # the raw volume is no longer needed: only the normalised copy stays in memory
 
         def progress(fraction: float, message: str) -> None:
@@ -363,7 +366,14 @@ class Segmenter:
 
         log.debug("%s: shape %s, spacing %s", name, data.shape, geometry.spacing)
         prediction = predict_volume(
-            data, geometry.spacing, self.backend, settings, affine=affine, timings=timings, progress=progress
+            data,
+            geometry.spacing,
+            self.backend,
+            settings,
+            affine=affine,
+            crop_box=crop_box,
+            timings=timings,
+            progress=progress,
         )
         result = SegmentationResult(
             prediction.labels,

@@ -111,6 +111,7 @@ def test_mr_plan_axis_spacing_patch_normalisation_batches(mr):
     slicing = plan["slicing_axis"]
     assert (slicing["axis"], slicing["name"], slicing["tie"]) == (0, "z", None)
     assert slicing["applied_by_training"] and slicing["cases_coarsest_along_it"] == 4
+    assert slicing["unplanned_slices_otherwise"] == []
     assert plan["resampling"]["target_spacing_mm"] == pytest.approx([0.8, 0.8])
     assert plan["resampling"]["cases_off_target"] == ["case_003"]
     # median extents at 0.8 mm after cropping: y (40, 44, 36, 40.5) -> 40.25, x (50, 48, 42, 45) -> 46.5
@@ -126,8 +127,13 @@ def test_mr_plan_axis_spacing_patch_normalisation_batches(mr):
         16,
         3000,
     )
-    notes = " ".join(plan["not_applied_by_training"])
-    assert "resampling" in notes and "cropping" in notes and "slicing" not in notes
+    # every decision has a config key now: training applies them all
+    assert (keys["data.slicing_axis"], keys["data.crop_to_nonzero"]) == ("z", True)
+    assert keys["data.target_spacing"] == pytest.approx([0.8, 0.8]) and keys["evaluation.resize"] == "linear"
+    assert "data.ct_normalization" not in keys
+    assert plan["not_applied_by_training"] == []
+    for section in ("slicing_axis", "resampling", "cropping", "normalization"):
+        assert plan[section]["applied_by_training"], section
 
 
 def test_ct_plan_clips_to_foreground_percentiles_and_uses_dataset_statistics(ct):
@@ -139,9 +145,16 @@ def test_ct_plan_clips_to_foreground_percentiles_and_uses_dataset_statistics(ct)
     assert norm["clip"] == pytest.approx(list(np.percentile(pooled, [0.5, 99.5])), rel=1e-6)
     assert norm["clip"][1] < 3000.0  # the outlier is clipped away
     assert (norm["mean"], norm["std"]) == pytest.approx((pooled.mean(), pooled.std()), rel=1e-6)
-    assert not norm["applied_by_training"]
-    assert plan["config_keys"]["data.normalization"] == "percentile"
-    assert any(note.startswith("CT:") for note in plan["not_applied_by_training"])
+    assert norm["applied_by_training"] and plan["not_applied_by_training"] == []
+    keys = plan["config_keys"]
+    assert keys["data.normalization"] == "ct"
+    lower, upper = norm["clip"]
+    assert keys["data.ct_normalization"] == {
+        "clip_lower": lower,
+        "clip_upper": upper,
+        "mean": norm["mean"],
+        "std": norm["std"],
+    }
 
 
 def _case(name: str, spacing_xyz, direction=None) -> Case:
@@ -160,9 +173,10 @@ def test_tie_is_resolved_by_the_most_common_acquisition_plane(tmp_path):
     assert slicing["tie"]["axes"] == ["z", "x"]
     assert "most common acquisition plane" in slicing["tie"]["resolved_by"]
     assert "2 of 5" in slicing["tie"]["resolved_by"]
-    # mpcl-train slices the tied cases (to z) and c2 (thick z) otherwise: stated, not hidden
-    assert slicing["training_slices_otherwise"] == ["c0", "c1", "c2"]
-    assert not slicing["applied_by_training"]
+    # unplanned, mpcl-train would slice the tied cases (to z) and c2 (thick z) otherwise: stated, and the
+    # planned axis goes into the config, so every case is sliced across x
+    assert slicing["unplanned_slices_otherwise"] == ["c0", "c1", "c2"]
+    assert slicing["applied_by_training"] and slicing["config_key"] == "data.slicing_axis"
 
 
 def test_isotropic_tie_goes_to_the_axial_plane_from_the_direction(tmp_path):
@@ -171,7 +185,7 @@ def test_isotropic_tie_goes_to_the_axial_plane_from_the_direction(tmp_path):
     slicing = plan["slicing_axis"]
     assert slicing["name"] == "x" and slicing["tie"]["axes"] == ["z", "y", "x"]
     assert "axial" in slicing["tie"]["resolved_by"] and slicing["planes"] == {"axial": 3}
-    assert any(note.startswith("slicing across x") for note in plan["not_applied_by_training"])
+    assert plan["config_keys"]["data.slicing_axis"] == "x" and plan["not_applied_by_training"] == []
     identity = write_dataset(tmp_path / "iso_identity", [_case(f"c{i}", (1, 1, 1)) for i in range(3)])
     slicing = choose_slicing_axis(dataset_fingerprint(identity, progress=False))
     assert slicing["name"] == "z" and slicing["tie"] is not None and slicing["applied_by_training"]
@@ -216,16 +230,22 @@ def test_cli_writes_plans_json_and_a_config_mpcl_train_accepts(mr, tmp_path):
         plan_main, [str(root), "--output", str(plans), "--config-out", str(config_path), "--no-progress"]
     )
     assert result.exit_code == 0, result.output
-    assert "Slicing axis   z" in result.output and "Not applied by training yet" in result.output
+    assert "Slicing axis   z" in result.output and "Applied by training: every planned value" in result.output
+    assert "Not applied" not in result.output
     document = json.loads(plans.read_text())
     assert document["format"] == "mpcl-plans" and document["plan"]["patch_size"]["size"] == [48, 48]
     assert len(document["fingerprint"]["per_case"]) == 4
     config = load_config(config_path)
     assert config.data.kind == "nifti_folder" and Path(config.data.root) == root.resolve()
     assert config.data.patch_size == (48, 48) and config.data.normalization == "zscore"
+    assert (config.data.slicing_axis, config.data.crop_to_nonzero) == ("z", True)
+    assert config.data.target_spacing == pytest.approx((0.8, 0.8))
+    assert config.evaluation.resize == "linear"
     assert (config.train.labeled_batch, config.train.iterations) == (16, 3000)
     assert config.method.name == "supervised"  # no unlabelled images: a semi-supervised method would stop
-    assert "not applied by mpcl-train yet" in config_path.read_text()
+    header = config_path.read_text()
+    assert "data.target_spacing: [0.8" in header and "Segmenter apply them" in header
+    assert "not applied" not in header
     assert not list(plans.parent.glob(".mpcl-partial-*"))
 
 
@@ -271,12 +291,12 @@ def test_unlabelled_images_make_the_default_semi_supervised_and_the_config_train
     assert (tmp_path / "run" / "best.pt").is_file()
 
 
-def test_cli_ct_summary_says_what_training_does_not_apply(ct, tmp_path):
+def test_cli_ct_summary_puts_the_dataset_statistics_in_the_config(ct, tmp_path):
     root, _, _ = ct
     result = CliRunner().invoke(plan_main, [str(root), "--output", str(tmp_path)])  # with the progress bar
     assert result.exit_code == 0, result.output
     assert "Normalisation  CT: clip to the foreground 0.5-99.5 percentiles" in result.output
-    assert "data.normalization: percentile" in result.output
+    assert "data.normalization=ct" in result.output and "data.ct_normalization={'clip_lower'" in result.output
     assert (tmp_path / "plans.json").is_file()
 
 

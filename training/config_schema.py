@@ -39,6 +39,17 @@ class PhantomConfig:
 
 
 @dataclass
+class CTNormalizationConfig:
+    """``data.normalization: ct``: clip to [clip_lower, clip_upper], then (x - mean) / std, with fixed
+    dataset statistics (mpcl-plan measures them on the labelled foreground), the same for every scan."""
+
+    clip_lower: float | None = None
+    clip_upper: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass
 class DataConfig:
     kind: Literal["acdc", "nifti_folder", "phantom"] = "phantom"
     root: str | None = None
@@ -47,10 +58,62 @@ class DataConfig:
     labeled_cases: int | None = None  # NIfTI folder: labelled cases used for training (rest unlabelled)
     val_cases: int = 1  # NIfTI folder: labelled cases held out for validation
     class_names: list[str] | None = None
-    normalization: Literal["minmax", "zscore", "percentile", "none"] = "minmax"
+    normalization: Literal["minmax", "zscore", "percentile", "none", "ct"] = "minmax"
     patch_size: tuple[int, int] = (256, 256)
     val_volumes: int | None = None  # evaluate only the first N validation volumes (None = all)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    # NIfTI folder, as planned by mpcl-plan (mpcl.planned_geometry); the defaults are the unplanned path:
+    # slices across each case's coarsest axis, zoomed whole to patch_size, per-volume normalisation
+    ct_normalization: CTNormalizationConfig | None = None  # the statistics of normalization: ct
+    slicing_axis: Literal["auto", "z", "y", "x"] = "auto"  # auto: each case's coarsest-spaced axis
+    target_spacing: tuple[float, float] | None = None  # mm along the slices' rows and columns
+    crop_to_nonzero: bool = False  # crop each case to its image's non-zero bounding box
+
+    def __post_init__(self) -> None:
+        """The planned keys' consistency (types are checked by the parser, ranges here)."""
+        planned = [
+            key
+            for key, unplanned in (
+                ("slicing_axis", "auto"),
+                ("target_spacing", None),
+                ("crop_to_nonzero", False),
+                ("ct_normalization", None),
+            )
+            if getattr(self, key) != unplanned
+        ]
+        if self.normalization == "ct":
+            planned.append("normalization")
+        if planned and self.kind != "nifti_folder":
+            raise ConfigError(
+                f"data.{planned[0]} applies to data.kind: nifti_folder only (the {self.kind} loader has "
+                "no scan geometry or raw intensities to plan); remove it or change data.kind"
+            )
+        if self.target_spacing is not None and not all(
+            0.001 <= value <= 100 for value in self.target_spacing
+        ):
+            raise ConfigError(
+                f"data.target_spacing must be two spacings from 0.001 to 100 mm, got "
+                f"{list(self.target_spacing)}"
+            )
+        ct = self.ct_normalization
+        if self.normalization != "ct":
+            if ct is not None:
+                raise ConfigError(
+                    f"data.ct_normalization is set but data.normalization is {self.normalization}; set "
+                    "data.normalization: ct to use it, or remove it"
+                )
+            return
+        values = None if ct is None else (ct.clip_lower, ct.clip_upper, ct.mean, ct.std)
+        if values is None or any(value is None for value in values):
+            raise ConfigError(
+                "data.normalization: ct needs data.ct_normalization with clip_lower, clip_upper, mean and "
+                "std (the dataset's foreground statistics; mpcl-plan --config-out writes them)"
+            )
+        if not ct.clip_lower < ct.clip_upper or ct.std <= 0:
+            raise ConfigError(
+                "data.ct_normalization needs clip_lower < clip_upper and std > 0, got "
+                f"clip [{ct.clip_lower}, {ct.clip_upper}], std {ct.std}"
+            )
 
 
 @dataclass
@@ -121,6 +184,9 @@ class TrainConfig:
     # networks and image batches in torch.channels_last memory format (dropout masks are then drawn in
     # that memory order: other masks than NCHW's, from the same distribution)
     channels_last: bool = False
+    # under torchrun (several processes): the student's and teacher's batch norms use the statistics of
+    # the global batch, so N processes normalise as one would (mpcl.training.distributed); no effect alone
+    sync_batchnorm: bool = False
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mpcl.errors import InputError
+from mpcl.planned_geometry import nonzero_box as runtime_nonzero_box
 from mpcl.preprocessing import through_plane_axis
 from mpcl.training.dataset_layout import (
     AXIS_NAMES,
@@ -56,16 +57,9 @@ def coarsest_axes(spacing_zyx, tolerance: float = TIE_TOLERANCE) -> list[int]:
 
 
 def nonzero_box(image: np.ndarray) -> list[list[int]]:
-    """[start, stop) per array axis of the region where the image is non-zero (the whole volume if none)."""
-    mask = image != 0
-    if not mask.any():
-        return [[0, int(n)] for n in image.shape]
-    box = []
-    for axis in range(image.ndim):
-        other = tuple(a for a in range(image.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append([int(hits[0]), int(hits[-1]) + 1])
-    return box
+    """[start, stop) per array axis of the region where the image is non-zero (the whole volume if none):
+    the runtime's box (``mpcl.planned_geometry``), the one training and ``Segmenter`` crop to."""
+    return [list(pair) for pair in runtime_nonzero_box(image)]
 
 
 def _intensity_stats(values: np.ndarray) -> dict:

@@ -7,7 +7,8 @@ Decided from the data (each decision written with the reason into ``plans.json``
   the most cases — and, if no case settles it (isotropic data), by the plane most scans are acquired in,
   axial (from each case's direction matrix), then by the first array axis as mpcl-train itself does;
 * **in-plane target spacing**: the dataset median along the two in-plane axes (the through-plane spacing
-  is kept per case, as a 2D network never mixes slices);
+  is kept per case, as a 2D network never mixes slices); images are resampled bilinearly and labels
+  through their interpolated one-hot maps, corner-aligned like every resize of the runtime;
 * **cropping** to the non-zero region of each image;
 * **patch size**: the median in-plane extent after cropping, at the target spacing, rounded up to a
   multiple of 16 (the U-Net halves it four times), at least 32, and capped by the preset;
@@ -19,9 +20,12 @@ Decided from the data (each decision written with the reason into ``plans.json``
   copy-paste methods need), and the iterations keep the pixels processed, i.e. the run time, about the
   preset's where the batch could not (at most halved or doubled).
 
-Values that ``training/config.py`` has a key for are put into the YAML config; the others (resampling,
-cropping, CT normalisation with dataset statistics, a slicing axis other than each case's own coarsest)
-are recorded in the plan with ``applied_by_training: false`` and said so in the summary.
+Every decision has a config key (``data.slicing_axis``, ``data.target_spacing``, ``data.crop_to_nonzero``,
+``data.normalization`` with ``data.ct_normalization``, ``data.patch_size``, the batch and iteration keys;
+``evaluation.resize: linear``, the interpolation the resampling uses), which ``--config-out`` writes and
+mpcl-train, the checkpoint, the model package and ``Segmenter`` apply (``mpcl.planned_geometry``). Each
+section of the plan says ``applied_by_training`` and its config key; anything a config could not carry
+would be listed by :func:`not_applied` and in the summary.
 """
 
 from __future__ import annotations
@@ -118,8 +122,10 @@ def choose_slicing_axis(fingerprint: dict) -> dict:
         "cases_with_tied_spacing": sum(1 for c in cases if c["coarsest_axis"] is None),
         "cases": n,
         "planes": dict(Counter(plane_across(axis, c["direction"]) for c in cases).most_common()),
-        "training_slices_otherwise": differs,
-        "applied_by_training": not differs,
+        # without data.slicing_axis, mpcl-train would slice these across their own coarsest axis (ties: z)
+        "unplanned_slices_otherwise": differs,
+        "config_key": "data.slicing_axis",
+        "applied_by_training": True,
     }
 
 
@@ -148,16 +154,17 @@ def _normalisation(fingerprint: dict) -> dict:
             "std": std,
             # mpcl.preprocessing.NormalizationAffine: (clip(x, lower, upper) - offset) / divisor
             "affine": [lower, upper, mean, std],
-            "config_value": "percentile",
-            "applied_by_training": False,
+            "config_value": "ct",
+            "config_statistics": {"clip_lower": lower, "clip_upper": upper, "mean": mean, "std": std},
+            "applied_by_training": True,
         }
     if key in ("nonorm", "none"):
         scheme, rule = "none", f"{modality}: intensities left as they are"
     elif key in ("rescale_to_0_1", "rgb_to_0_1"):
-        scheme, rule = "minmax", f"{modality}: rescaled to [0, 1] per case"
+        scheme, rule = "minmax", f"{modality}: rescaled to [0, 1] per case (inside its non-zero crop box)"
     else:
         described = modality if modality else "no channel_names in dataset.json, so treated as MR"
-        scheme, rule = "zscore", f"{described}: z-score per case (mean 0, std 1 over the volume)"
+        scheme, rule = "zscore", f"{described}: z-score per case (mean 0, std 1 inside its non-zero crop box)"
     return {
         "modality": modality,
         "scheme": scheme,
@@ -241,10 +248,13 @@ def make_plan(fingerprint: dict, preset: str = "cpu") -> dict:
             "target_spacing_zyx": [None if a == slicing["axis"] else float(median[a]) for a in range(3)],
             "rule": f"dataset median in-plane spacing ({_fmt(target)} mm along {'/'.join(in_plane_names)}); "
             "the through-plane spacing is kept per case",
-            "image": "third-order spline",
-            "label": "linear interpolation of one-hot maps, then argmax",
+            "image": "bilinear, corner-aligned (evaluation.resize: linear)",
+            "label": "bilinear interpolation of one-hot maps, then argmax",
+            "windows": "the patch is a window at the target spacing: smaller slices are padded, larger ones "
+            "cut into overlapping windows (training samples; at inference their probabilities are averaged)",
             "cases_off_target": off_target,
-            "applied_by_training": False,
+            "config_key": "data.target_spacing",
+            "applied_by_training": True,
         },
         "cropping": {
             "to": "non-zero region of the image",
@@ -252,7 +262,8 @@ def make_plan(fingerprint: dict, preset: str = "cpu") -> dict:
             "median_cropped_shape_zyx": fingerprint["cropped_shape_median_zyx"],
             "median_fraction_kept": float(np.median(np.prod(cropped, axis=1) / np.prod(shapes, axis=1))),
             "cases_cropped": n_cropped,
-            "applied_by_training": False,
+            "config_key": "data.crop_to_nonzero",
+            "applied_by_training": True,
         },
         "patch_size": {
             "size": list(patch),
@@ -276,9 +287,18 @@ def make_plan(fingerprint: dict, preset: str = "cpu") -> dict:
         "unlabelled_images": int(fingerprint.get("unlabelled_images", 0)),
     }
     plan["config_keys"] = {
+        "data.slicing_axis": slicing["name"],
+        "data.target_spacing": target,
+        "data.crop_to_nonzero": True,
         "data.patch_size": list(patch),
         "data.normalization": normalisation["config_value"],
+        **(
+            {"data.ct_normalization": normalisation["config_statistics"]}
+            if "config_statistics" in normalisation
+            else {}
+        ),
         "data.val_cases": val_cases,
+        "evaluation.resize": "linear",
         "train.iterations": batches["iterations"],
         "train.labeled_batch": batches["labeled_batch"],
         "train.unlabeled_batch": batches["unlabeled_batch"],
@@ -290,37 +310,19 @@ def make_plan(fingerprint: dict, preset: str = "cpu") -> dict:
 
 
 def not_applied(plan: dict) -> list[str]:
-    """Sentences for the planned values mpcl-train cannot apply yet (no config key)."""
-    notes = []
-    resampling, cropping = plan["resampling"], plan["cropping"]
-    off = len(resampling["cases_off_target"])
-    notes.append(
-        f"in-plane resampling to {_fmt(resampling['target_spacing_mm'])} mm "
-        + (f"({off} case(s) are on another grid)" if off else "(every case is on that grid already)")
-        + ": no config key yet; mpcl-train zooms each whole slice to data.patch_size instead"
-    )
-    shrink = cropping["cases_cropped"]
-    notes.append(
-        "cropping to the non-zero region "
-        + (f"({shrink} case(s) would shrink)" if shrink else "(no case has a zero border to crop)")
-        + ": no config key yet; mpcl-train uses whole slices"
-    )
-    norm = plan["normalization"]
-    if not norm["applied_by_training"]:
-        notes.append(
-            f"{norm['rule']}: mpcl-train has only per-volume schemes, so the config uses "
-            f"data.normalization: {norm['config_value']} (per volume: clip to its 0.5-99.5 percentiles, "
-            "then min-max)"
-        )
-    slicing = plan["slicing_axis"]
-    if not slicing["applied_by_training"]:
-        others = slicing["training_slices_otherwise"]
-        notes.append(
-            f"slicing across {slicing['name']}: mpcl-train slices each case across its own coarsest axis "
-            f"(ties to z), which differs for {len(others)} case(s) ({', '.join(others[:5])}"
-            f"{', ...' if len(others) > 5 else ''})"
-        )
-    return notes
+    """Sentences for the planned decisions mpcl-train would not apply (a section whose
+    ``applied_by_training`` is false); every decision has a config key now, so this is normally empty."""
+    names = {
+        "slicing_axis": "slicing axis",
+        "resampling": "in-plane resampling",
+        "cropping": "cropping",
+        "normalization": "normalisation",
+    }
+    return [
+        f"{label}: {plan[key].get('rule', 'planned')}"
+        for key, label in names.items()
+        if not plan[key].get("applied_by_training", True)
+    ]
 
 
 def plans_document(fingerprint: dict, plan: dict) -> dict:
@@ -380,17 +382,13 @@ def config_from_plan(
     config["data"] = {
         "kind": "nifti_folder",
         "root": str(Path(dataset_root).resolve()),
-        "val_cases": keys["data.val_cases"],
         **({} if labeled_cases is None else {"labeled_cases": labeled_cases}),
-        "normalization": keys["data.normalization"],
-        "patch_size": keys["data.patch_size"],
     }
-    train = dict(base.get("train") or {})
+    config["train"] = dict(base.get("train") or {})
+    config["evaluation"] = dict(base.get("evaluation") or {})
     for dotted, value in keys.items():
         section, key = dotted.split(".", 1)
-        if section == "train":
-            train[key] = value
-    config["train"] = train
+        config[section][key] = copy.deepcopy(value)
     config["method"] = base["method"]
     return config
 
@@ -400,11 +398,15 @@ def config_header(plan: dict, dataset_root: str | Path, plans_path: str | Path) 
     lines = [
         f"Written by mpcl-plan from {Path(dataset_root).resolve()} (preset {plan['preset']});",
         f"the plan and its reasons are in {plans_path}.",
-        "Planned values set here (edit any of them; mpcl-plan does not read this file back):",
+        "Planned values set here (edit any of them; mpcl-plan does not read this file back); mpcl-train,",
+        "the checkpoint, the model package and Segmenter apply them:",
         *(f"  {key}: {value}" for key, value in plan["config_keys"].items()),
-        "Planned but not applied by mpcl-train yet:",
-        *(f"  - {note}" for note in plan["not_applied_by_training"]),
     ]
+    if plan["not_applied_by_training"]:
+        lines += [
+            "Planned but not applied by mpcl-train:",
+            *(f"  - {note}" for note in plan["not_applied_by_training"]),
+        ]
     return "".join(f"# {line}\n" for line in lines)
 
 
@@ -434,7 +436,15 @@ def summary_lines(fingerprint: dict, plan: dict) -> list[str]:
         f"{batches['iterations']} iterations, validation every {batches['val_every']} "
         f"({plan['val_cases']} case(s) held out)",
         "In the config:  " + ", ".join(f"{k}={v}" for k, v in plan["config_keys"].items()),
-        "Not applied by training yet (recorded in plans.json only):",
-        *(f"  - {note}" for note in plan["not_applied_by_training"]),
     ]
+    if plan["not_applied_by_training"]:
+        lines += [
+            "Not applied by training (recorded in plans.json only):",
+            *(f"  - {note}" for note in plan["not_applied_by_training"]),
+        ]
+    else:
+        lines.append(
+            "Applied by training: every planned value above (crop, slicing axis, target spacing, "
+            "normalisation, patch), and by the model package and Segmenter on new scans"
+        )
     return lines

@@ -51,7 +51,7 @@ def volume_predictor(
     settings = InferenceSettings(tuple(patch_size), resize=resize, batch_size=batch_size)
 
     def predict(volume: Volume) -> np.ndarray:
-        return segment_volume(volume.image, volume.spacing, backend, settings).labels
+        return segment_volume(volume.image, volume.spacing, backend, settings, planned=volume.planned).labels
 
     return predict
 

@@ -15,6 +15,7 @@ import torch
 import mpcl
 from mpcl.errors import InputError
 from mpcl.io import write_atomically
+from mpcl.planned_geometry import planned_geometry_metadata
 
 CHECKPOINT_FORMAT = "mpcl-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -23,7 +24,7 @@ REQUIRED_KEYS = ("format", "format_version", "student", "metadata", "config", "i
 
 def build_metadata(config: dict, class_names: list[str], normalization: dict, method: str) -> dict[str, Any]:
     """What inference needs to reproduce training's preprocessing and to name the outputs."""
-    return {
+    metadata = {
         "class_names": list(class_names),
         "num_classes": len(class_names),
         "in_channels": 1,
@@ -34,6 +35,10 @@ def build_metadata(config: dict, class_names: list[str], normalization: dict, me
         "network": {"name": "unet2d", **config["model"]},
         "mpcl_version": mpcl.__version__,
     }
+    planned = planned_geometry_metadata(config["data"])  # only for a planned dataset: else as before
+    if planned is not None:
+        metadata["planned_geometry"] = planned
+    return metadata
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

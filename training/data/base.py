@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpcl.planned_geometry import PlannedInput
+
 IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
@@ -29,6 +31,8 @@ class Volume:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: tuple[float, ...] = IDENTITY_DIRECTION
+    # a planned dataset's (mpcl.planned_geometry): its geometry and the crop box of the raw image
+    planned: PlannedInput | None = None
 
     @property
     def array_spacing(self) -> tuple[float, float, float]:

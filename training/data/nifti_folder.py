@@ -9,19 +9,45 @@
 Volumes are read with SimpleITK, normalised per volume (the scheme is stored in the model metadata)
 and cut into 2D slices along their through-plane axis. The last ``val_cases`` labelled cases (sorted by
 name) are held out for validation.
+
+A planned config (``mpcl-plan --config-out``: ``data.crop_to_nonzero``, ``data.slicing_axis``,
+``data.target_spacing``, ``data.normalization: ct``) is applied here with the runtime's own functions
+(``mpcl.inference.prepare_volume``, ``mpcl.planned_geometry``), so training sees what a deployed model
+is given: each case is cropped to its image's non-zero box (found on the raw image, statistics measured
+inside it), sliced across the planned axis, and each slice resampled to the target spacing (image
+bilinear, label through its interpolated one-hot maps). At a target spacing the patch is a window, not
+the whole slice: every slice is padded (with the case's lowest normalised value) to at least the patch
+and cut into the same overlapping patch-sized windows inference uses, each window one training sample,
+so the batch pipeline (seeded per iteration) and its augmentation are unchanged. Validation and test
+volumes stay whole, normalised, on their own grid, carrying their plan and crop box
+(``Volume.planned``), so validation segments them exactly as ``Segmenter`` does a new scan.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mpcl.errors import InputError
+from mpcl.inference import InferenceSettings, prepare_volume
 from mpcl.inputs import case_name  # a file's case: name without image suffix and nnU-Net _0000 tag
 from mpcl.io import ImageGeometry, read_image
-from mpcl.preprocessing import normalize_intensity, through_plane_axis
+from mpcl.planned_geometry import (
+    PlannedGeometry,
+    PlannedInput,
+    box_slices,
+    in_plane_spacing,
+    resample_images,
+    resample_labels,
+    resampled_shape,
+    training_windows,
+    whole_box,
+)
+from mpcl.preprocessing import through_plane_axis
 from mpcl.training.config_schema import DataConfig
 from mpcl.training.data.base import SegmentationData, Slice2D, Volume
 
@@ -64,10 +90,45 @@ def _same_geometry(a: ImageGeometry, b: ImageGeometry, shape_a, shape_b) -> bool
     )
 
 
-def read_case(image_path: Path, label_path: Path | None, num_classes: int, scheme: str) -> Volume:
-    """Read, check and normalise one case; the label must share the image's grid exactly."""
-    image, geometry = read_image(image_path)
-    image = normalize_intensity(image, scheme)
+def planned_geometry(config: DataConfig) -> PlannedGeometry:
+    """The plan's slicing axis, target spacing and cropping in a data config (all off by default)."""
+    return PlannedGeometry(config.slicing_axis, config.target_spacing, config.crop_to_nonzero)
+
+
+def normalization_of(config: DataConfig) -> dict[str, Any]:
+    """The normalisation as the model metadata stores it: the scheme, and the ct scheme's statistics."""
+    if config.normalization != "ct":
+        return {"scheme": config.normalization}
+    ct = config.ct_normalization
+    return {
+        "scheme": "ct",
+        "clip_lower": ct.clip_lower,
+        "clip_upper": ct.clip_upper,
+        "mean": ct.mean,
+        "std": ct.std,
+    }
+
+
+def read_case(
+    image_path: Path,
+    label_path: Path | None,
+    num_classes: int,
+    normalization: str | Mapping[str, Any],
+    planned: PlannedGeometry | None = None,
+) -> Volume:
+    """Read, check and normalise one case; the label must share the image's grid exactly.
+
+    ``normalization`` is a scheme name or ``{"scheme": ..., **params}``; with a ``planned`` crop, the
+    statistics are measured inside the raw image's non-zero box, which the Volume keeps
+    (``Volume.planned``) with the plan, exactly as ``mpcl.inference.prepare_volume`` does for a new scan.
+    """
+    if isinstance(normalization, str):
+        normalization = {"scheme": normalization}
+    planned = planned or PlannedGeometry()
+    raw, geometry = read_image(image_path)
+    settings = InferenceSettings((1, 1), normalization=dict(normalization), planned=planned)
+    image, _, crop_box = prepare_volume(raw, settings)
+    del raw
     label = None
     if label_path is not None:
         label_array, label_geometry = read_image(label_path)
@@ -87,10 +148,25 @@ def read_case(image_path: Path, label_path: Path | None, num_classes: int, schem
                 f"{label_path}: label values {values} outside the class range 0..{num_classes - 1}"
             )
         label = label_array.astype(np.uint8)
-    return Volume(case_name(image_path), image, label, geometry.spacing, geometry.origin, geometry.direction)
+    return Volume(
+        case_name(image_path),
+        image,
+        label,
+        geometry.spacing,
+        geometry.origin,
+        geometry.direction,
+        PlannedInput(planned, crop_box) if planned.active else None,
+    )
 
 
-def volume_to_slices(volume: Volume) -> list[Slice2D]:
+def volume_to_slices(
+    volume: Volume, patch_size: tuple[int, int] | None = None, num_classes: int | None = None
+) -> list[Slice2D]:
+    """A volume's training slices: whole slices across its coarsest axis, or, for a planned volume, its
+    crop box's slices across the planned axis (at a target spacing: the patch-sized windows of each
+    resampled slice, which needs ``patch_size`` and ``num_classes``)."""
+    if volume.planned is not None:
+        return _planned_slices(volume, volume.planned, patch_size, num_classes)
     axis = through_plane_axis(volume.spacing)
     image = np.moveaxis(volume.image, axis, 0)
     label = None if volume.label is None else np.moveaxis(volume.label, axis, 0)
@@ -102,6 +178,42 @@ def volume_to_slices(volume: Volume) -> list[Slice2D]:
         )
         for z in range(image.shape[0])
     ]
+
+
+def _planned_slices(
+    volume: Volume,
+    planned: PlannedInput,
+    patch_size: tuple[int, int] | None,
+    num_classes: int | None,
+) -> list[Slice2D]:
+    geometry = planned.geometry
+    region = box_slices(planned.crop_box or whole_box(volume.image.shape))
+    axis = geometry.axis_for(volume.spacing)
+    image = np.moveaxis(volume.image[region], axis, 0)
+    label = None if volume.label is None else np.moveaxis(volume.label[region], axis, 0)
+    if geometry.target_spacing is None:  # whole (cropped) slices, zoomed to the patch by the augmentation
+        return [
+            Slice2D(
+                f"{volume.name}_slice_{z}",
+                np.ascontiguousarray(image[z]),
+                None if label is None else np.ascontiguousarray(label[z]),
+            )
+            for z in range(image.shape[0])
+        ]
+    if patch_size is None or num_classes is None:
+        raise ValueError("slices at a target spacing need the patch size and the number of classes")
+    size = resampled_shape(image.shape[1:], in_plane_spacing(volume.spacing, axis), geometry.target_spacing)
+    pad_value = float(image.min()) if image.size else 0.0  # as mpcl.inference pads a new scan's slices
+    images = resample_images(image, size)
+    labels = None if label is None else resample_labels(label, size, num_classes)
+    slices = []
+    for z in range(images.shape[0]):
+        windows = training_windows(images[z], None if labels is None else labels[z], patch_size, pad_value)
+        slices.extend(
+            Slice2D(f"{volume.name}_slice_{z}_window_{w}", window_image, window_label)
+            for w, (window_image, window_label) in enumerate(windows)
+        )
+    return slices
 
 
 def load_nifti_folder(config: DataConfig) -> SegmentationData:
@@ -128,19 +240,23 @@ def load_nifti_folder(config: DataConfig) -> SegmentationData:
         )
     train_cases, val_cases = cases[: len(cases) - config.val_cases], cases[len(cases) - config.val_cases :]
     n_labeled = len(train_cases) if config.labeled_cases is None else config.labeled_cases
-    n_classes, scheme = len(class_names), config.normalization
+    n_classes, normalization = len(class_names), normalization_of(config)
+    planned, patch = planned_geometry(config), tuple(config.patch_size)
+
+    def read(image: Path, label: Path | None) -> Volume:
+        return read_case(image, label, n_classes, normalization, planned)
+
+    def slices(volume: Volume) -> list[Slice2D]:
+        return volume_to_slices(volume, patch, n_classes)
+
     labeled, unlabeled = [], []
     for position, case in enumerate(train_cases):
         is_labeled = position < n_labeled
-        volume = read_case(images[case], labels[case] if is_labeled else None, n_classes, scheme)
-        (labeled if is_labeled else unlabeled).extend(volume_to_slices(volume))
+        volume = read(images[case], labels[case] if is_labeled else None)
+        (labeled if is_labeled else unlabeled).extend(slices(volume))
     for path in image_files(root / "imagesUnlabelled").values():
-        unlabeled.extend(volume_to_slices(read_case(path, None, n_classes, scheme)))
-    val = [read_case(images[c], labels[c], n_classes, scheme) for c in val_cases]
+        unlabeled.extend(slices(read(path, None)))
+    val = [read(images[c], labels[c]) for c in val_cases]
     test_images, test_labels = image_files(root / "imagesTs"), image_files(root / "labelsTs")
-    test = [
-        read_case(test_images[c], test_labels[c], n_classes, scheme)
-        for c in sorted(test_images)
-        if c in test_labels
-    ]
-    return SegmentationData(labeled, unlabeled, val, test, class_names, {"scheme": scheme})
+    test = [read(test_images[c], test_labels[c]) for c in sorted(test_images) if c in test_labels]
+    return SegmentationData(labeled, unlabeled, val, test, class_names, normalization)
