@@ -187,6 +187,20 @@ def test_bank_initialises_then_moves_by_ema_and_only_for_seen_groups():
         PrototypeBank([3, 3], dim=2).load_state_dict(bank.state_dict())
 
 
+def test_bank_fill_per_class_update_and_untracked_intensities():
+    bank = PrototypeBank([1, 2], dim=2, momentum=0.5)
+    bank.fill(torch.tensor([[[2.0, 0.0], [5.0, 5.0]], [[0.0, 3.0], [4.0, 0.0]]]))
+    assert bank.valid.tolist() == [[True, False], [True, True]]  # class 0 has one group: (0, 1) stays off
+    assert torch.allclose(bank.prototypes.norm(dim=-1)[bank.valid], torch.ones(3))
+    with pytest.raises(ValueError, match="do not fit"):
+        bank.fill(torch.zeros(2, 3, 2))
+    bank.update_per_class(torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]]), torch.tensor([[0], [1]]), n_min=1)
+    assert torch.equal(bank.prototypes[0, 0], torch.tensor([1.0, 0.0]))  # class 0 unseen: untouched
+    expected = torch.nn.functional.normalize(torch.tensor([[0.5, 0.5], [1.0, 0.0]]), dim=-1)
+    assert torch.allclose(bank.prototypes[1], expected)  # both groups of class 1 moved to its one mean
+    assert torch.equal(bank.intensity, torch.zeros(2, 2))  # no intensities given: none tracked
+
+
 # -- the method --------------------------------------------------------------------------------------
 def assert_same_state(first: torch.nn.Module, second: torch.nn.Module) -> None:
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):

@@ -394,20 +394,70 @@ def _method_like(trainer: Trainer) -> PCCS:
     return PCCS(trainer.method.params, trainer.method.num_classes)
 
 
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters only: a frozen teacher in training mode still updates its batch-norm buffers."""
+    return {name: value.clone() for name, value in module.named_parameters()}
+
+
 @pytest.mark.slow
-def test_frozen_teacher_never_moves_and_survives_a_resume(tmp_path):
+def test_frozen_teacher_is_the_trainers_teacher_never_moves_and_survives_a_resume(tmp_path):
     params = {**FAST, "teacher_update": "frozen"}
     trainer = _trainer(tmp_path, subdir="frozen", **params)
-    initial = {name: value.clone() for name, value in trainer.models.teacher.state_dict().items()}
+    assert trainer.method.teacher_update().kind == "frozen"
+    initial = _weights(trainer.models.teacher)
+    initial_head = _weights(trainer.models.teacher_extra)
     trainer.fit(stop_at=2, progress=False)
-    frozen = trainer.method._frozen["network"].state_dict()
-    weights = [name for name in initial if "running" not in name and "num_batches" not in name]
-    assert all(torch.equal(frozen[name], initial[name]) for name in weights)
-    assert not all(torch.equal(trainer.models.teacher.state_dict()[n], initial[n]) for n in weights)
+    teacher = trainer.models.teacher
+    assert all(torch.equal(value, initial[name]) for name, value in _weights(teacher).items())
+    assert all(torch.equal(v, initial_head[n]) for n, v in _weights(trainer.models.teacher_extra).items())
+    assert not all(torch.equal(v, initial[n]) for n, v in _weights(trainer.models.student).items())
+    assert set(trainer.method.state_dict()) == {"bank"}  # the teacher is the trainer's, in the checkpoint
     resumed = _trainer(tmp_path, subdir="frozen", **params)
     resumed.resume_from(tmp_path / "frozen" / "latest.pt")
-    network, _ = resumed.method._teacher(resumed.models)
-    assert all(torch.equal(network.state_dict()[name], frozen[name]) for name in frozen)
+    _same_state(teacher, resumed.models.teacher)
+    ema = _trainer(tmp_path, subdir="ema", **FAST)
+    ema.fit(stop_at=2, progress=False)
+    assert not all(torch.equal(v, initial[n]) for n, v in _weights(ema.models.teacher).items())
+
+
+def _earlier_frozen_layout(trainer: Trainer, path, moved: float = 1.0) -> tuple[dict, dict]:
+    """A checkpoint as earlier versions wrote it for ``teacher_update: frozen``: PCCS's frozen teacher
+    (network and projection head) in the method state, and a trainer teacher that had moved by EMA."""
+    from mpcl.nn.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(path)
+    frozen = {f"network.{k}": v for k, v in state["teacher"].items()}
+    frozen.update({k: v for k, v in state["teacher_extra"].items() if k.startswith("projection.")})
+    state["method_state"]["frozen_teacher"] = frozen
+    state["teacher"] = {k: v + moved if v.is_floating_point() else v for k, v in state["teacher"].items()}
+    save_checkpoint(path, state)
+    return frozen, state
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_earlier_frozen_layout_resumes_with_its_frozen_copy_as_the_teacher(tmp_path):
+    params = {**FAST, "teacher_update": "frozen"}
+    trainer = _trainer(tmp_path, subdir="old", **params)
+    trainer.fit(stop_at=2, progress=False)
+    frozen, _ = _earlier_frozen_layout(trainer, tmp_path / "old" / "latest.pt")
+    resumed = _trainer(tmp_path, subdir="old", **params)
+    resumed.resume_from(tmp_path / "old" / "latest.pt")
+    teacher = resumed.models.teacher.state_dict()
+    network = {name[len("network.") :]: v for name, v in frozen.items() if name.startswith("network.")}
+    assert network and all(torch.equal(teacher[name], value) for name, value in network.items())
+    head = resumed.models.teacher_extra.state_dict()
+    assert all(torch.equal(head[name], v) for name, v in frozen.items() if name.startswith("projection."))
+    with pytest.raises(ValueError, match="earlier checkpoint layout"):
+        resumed.method.load_state_dict({"bank": resumed.method.bank.state_dict(), "frozen_teacher": frozen})
+
+
+def test_a_checkpoint_of_the_earlier_frozen_layout_on_the_copy_paste_base_is_refused(tmp_path):
+    params = {**FAST, "teacher_update": "frozen", "base": {"mix": "bcp", "pretrain_iterations": 2}}
+    trainer = _trainer(tmp_path, subdir="old", **params)
+    trainer.save("latest.pt", 0)
+    _earlier_frozen_layout(trainer, tmp_path / "old" / "latest.pt")
+    with pytest.raises(ConfigError, match="latest.pt: written when pccs with teacher_update: frozen on base"):
+        _trainer(tmp_path, subdir="old", **params).resume_from(tmp_path / "old" / "latest.pt")
 
 
 def test_config_errors_name_the_key(tmp_path):

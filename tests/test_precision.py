@@ -204,14 +204,16 @@ def test_checkpoint_records_precision_and_refuses_another(tmp_path):
         fp32.resume_from(checkpoint)
 
 
-def test_checkpoints_from_before_precision_resume_as_fp32(tmp_path):
+def test_checkpoints_from_before_precision_and_planning_resume_as_fp32_unplanned(tmp_path):
     trainer = _trainer(tmp_path, "supervised")
     trainer.train_step(0, trainer.batches(0))
     state = load_checkpoint(trainer.save("latest.pt", 1))
     for key in ("precision", "grad_scaler", "cuda_rng"):
         state.pop(key)
-    for key in ("precision", "channels_last"):
+    for key in ("precision", "channels_last", "sync_batchnorm"):
         state["config"]["train"].pop(key)
+    for key in ("slicing_axis", "target_spacing", "crop_to_nonzero", "ct_normalization"):
+        state["config"]["data"].pop(key)  # the planned-geometry keys came later too
     old = save_checkpoint(tmp_path / "old.pt", {k: v for k, v in state.items() if not k.startswith("format")})
     resumed = _trainer(tmp_path, "supervised")
     resumed.resume_from(old)

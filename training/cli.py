@@ -33,14 +33,17 @@ from mpcl.io import check_writable_file, check_writable_folder
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def _setup_logging(log_file: Path | None = None) -> None:
+def _setup_logging(log_file: Path | None = None, rank: int | None = None) -> None:
+    """INFO to the console and ``log_file``; with several training processes (``rank`` given) only
+    process 0 does that, the others print warnings and errors, tagged with their rank."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if log_file is not None:
+    if log_file is not None and not rank:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
+    tag = "" if rank is None else f"[rank {rank}] "
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if not rank else logging.WARNING,
+        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         handlers=handlers,
         force=True,
     )
@@ -66,10 +69,11 @@ def _setup_logging(log_file: Path | None = None) -> None:
 @friendly_errors
 def train_main(config_path, data_root, output_dir, iterations, device, threads, resume, no_progress) -> None:
     """Train a segmentation model with the method named in the config; the run ends with the model
-    package <output_dir>/model/ (what mpcl-segment and Segmenter load)."""
+    package <output_dir>/model/ (what mpcl-segment and Segmenter load). Launched by torchrun
+    (torchrun --nproc_per_node N --no-python mpcl-train ...) it trains data-parallel in N processes."""
+    from mpcl.training import distributed
     from mpcl.training.config import load_config
-    from mpcl.training.data.loading import load_data
-    from mpcl.training.trainer import Trainer, config_of_checkpoint
+    from mpcl.training.trainer import config_of_checkpoint
 
     overrides = {
         key: value
@@ -92,8 +96,20 @@ def train_main(config_path, data_root, output_dir, iterations, device, threads, 
             raise click.UsageError(
                 "with --resume and no --config the checkpoint's own config is used; overrides are not allowed"
             )
+    world = distributed.init_from_env(config.train.device)  # one process unless torchrun started several
+    try:
+        _train(config, world, resume, no_progress)
+    finally:
+        distributed.cleanup()
+
+
+def _train(config, world, resume: Path | None, no_progress: bool) -> None:
+    from mpcl.training import distributed
+    from mpcl.training.data.loading import load_data
+    from mpcl.training.trainer import Trainer
+
     out = check_writable_folder(config.output_dir)
-    _setup_logging(out / "train.log")
+    _setup_logging(out / "train.log", world.rank if world.distributed else None)
     log = logging.getLogger("mpcl.train")
     log.info(
         "experiment %s: method %s, data %s, %d iterations, output %s",
@@ -113,9 +129,19 @@ def train_main(config_path, data_root, output_dir, iterations, device, threads, 
         data.class_names,
     )
     trainer = Trainer(config, data)
+    if world.distributed:
+        log.info(
+            "data-parallel over %d processes (%s on %s), batch-norm statistics %s",
+            world.size,
+            distributed.backend_for(trainer.device),
+            trainer.device.type,
+            "of the global batch (train.sync_batchnorm)" if config.train.sync_batchnorm else "per process",
+        )
     if resume is not None:
         trainer.resume_from(resume)
     result = trainer.fit(progress=not no_progress)
+    if not world.is_main:
+        return
     _write_model_package(out)
     click.echo(
         f"best checkpoint: {result.best_checkpoint} (validation mean Dice {result.best_val_dice:.4f} "

@@ -1,12 +1,17 @@
 """The one training loop shared by every method.
 
 Per step: build the two-stream batch for iteration t, ask the method for its named loss terms, sum and
-back-propagate them, step SGD with poly learning-rate decay, update the EMA teacher; every
+back-propagate them, step SGD with poly learning-rate decay, move the teacher as the method says (EMA or
+frozen: the trainer owns the teacher, copies the student into it at stage switches and saves it); every
 ``val_every`` steps evaluate the student on the validation volumes and keep the best checkpoint.
 A checkpoint holds everything that changes during training (weights, optimiser, method state, torch RNG,
 logs up to that step); batches are a pure function of (seed, t), so a resumed run continues exactly as
 the uninterrupted run would have. The method's step runs in ``train.precision`` (autocast; what stays
 float32 is in ``mpcl.training.precision``), and a run keeps its precision across resumes.
+
+Under ``torchrun`` the same loop runs in N processes (``mpcl.training.distributed`` says how a step is
+split so that the N processes compute what one would): process 0 alone validates, logs and writes
+checkpoints, and the others wait for it at each validation and stage switch.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mpcl.errors import ConfigError
 from mpcl.nn.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from mpcl.nn.unet import UNet
+from mpcl.training import distributed
 from mpcl.training.batchnorm import recalibrate_batch_norm, sample_slices
 from mpcl.training.config import ExperimentConfig, config_from_dict
 from mpcl.training.data.base import SegmentationData
 from mpcl.training.data.batches import Batch, BatchFactory, prefetch
 from mpcl.training.evaluate import evaluate_volumes
-from mpcl.training.methods import Models, StepInfo, build_method
+from mpcl.training.methods import Models, StepInfo, TeacherUpdate, build_method
 from mpcl.training.precision import autocast, grad_scaler, resolve_precision
 from mpcl.training.run_log import CsvLog, plot_curves
 
@@ -70,11 +76,32 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
         teacher_param.mul_(decay).add_(student_param.detach(), alpha=1 - decay)
 
 
+def update_teacher(models: Models, update: TeacherUpdate, iteration: int) -> None:
+    """The teacher after step ``iteration``, as the method's ``teacher_update`` says: an EMA step with the
+    decay ramped as min(1 − 1/(t+1), decay), or nothing for a frozen teacher."""
+    if models.teacher is None or update.kind == "frozen":
+        return
+    decay = min(1 - 1 / (iteration + 1), update.decay)
+    ema_update(models.teacher, models.student, decay)
+    if models.teacher_extra is not None:
+        ema_update(models.teacher_extra, models.extra, decay)
+
+
 def _channels_last(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """Image batches (B, C, H, W) in channels-last memory format; labels (B, H, W) and None as they are."""
     if tensor is None or tensor.dim() != 4:
         return tensor
     return tensor.contiguous(memory_format=torch.channels_last)
+
+
+def check_shares(world: distributed.World, labeled_batch: int, unlabeled_batch: int) -> None:
+    """Each of several processes builds an equal share of the global batch."""
+    for name, size in (("labeled_batch", labeled_batch), ("unlabeled_batch", unlabeled_batch)):
+        if size % world.size:
+            raise ConfigError(
+                f"train.{name} is {size}, not a multiple of the {world.size} training processes: each "
+                "builds an equal share of the global batch"
+            )
 
 
 @dataclass
@@ -95,7 +122,10 @@ class Trainer:
         self.config = config
         self.data = data
         self.output_dir = Path(output_dir or config.output_dir)
+        self.world = distributed.current()  # one process unless torchrun started several
         self.device = select_device(config.train.device)
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)
         self.precision = resolve_precision(config.train.precision, self.device)  # auto resolved
         self.scaler = grad_scaler(self.precision, self.device)  # fp16 only
         if config.train.num_threads:
@@ -105,6 +135,8 @@ class Trainer:
         student = build_network(config, data.num_classes).to(self.device)
         if config.train.channels_last:  # the teacher and extra modules below inherit the layout
             student = student.to(memory_format=torch.channels_last)
+        if self.world.distributed and config.train.sync_batchnorm:  # before the teacher copies it
+            student = distributed.convert_batch_norm(student)
         teacher = None
         if self.method.uses_teacher:
             teacher = copy.deepcopy(student)
@@ -118,12 +150,16 @@ class Trainer:
             teacher_extra = copy.deepcopy(extra)
             teacher_extra.requires_grad_(False)
         self.models = Models(student, teacher, extra, teacher_extra)
+        for module in (student, teacher, extra, teacher_extra):  # as DDP: process 0's initial weights
+            distributed.broadcast_module(module)
+        self.step_models = self._step_models()
         parameters = list(student.parameters()) + (list(extra.parameters()) if extra is not None else [])
         train = config.train
         self.optimizer = torch.optim.SGD(
             parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
         )
         unlabeled_batch = train.unlabeled_batch if self.method.uses_unlabeled else 0
+        check_shares(self.world, train.labeled_batch, unlabeled_batch)
         self.batches = BatchFactory(
             data.labeled,
             data.unlabeled,
@@ -133,6 +169,7 @@ class Trainer:
             config.augment,
             config.seed,
             strong_views=self.method.uses_strong_views,
+            shard=(self.world.rank, self.world.size),
         )
         self.metadata = build_metadata(
             config.to_dict(), data.class_names, data.normalization, config.method.name
@@ -143,9 +180,24 @@ class Trainer:
         self.start_iteration = 0
         self.best_dice = -1.0
         self.best_iteration = -1
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
         self.train_log = CsvLog(self.output_dir / "train_log.csv")
         self.val_log = CsvLog(self.output_dir / "val_log.csv")
+
+    def _step_models(self) -> Models:
+        """The networks as the method sees them in a training step: with several processes the student
+        and the teacher run this process's rows of each pass and return every process's outputs."""
+        models = self.models
+        if not self.world.distributed:
+            return models
+        seed = self.config.seed
+
+        def shard(network: torch.nn.Module | None) -> distributed.ShardedNetwork | None:
+            return None if network is None else distributed.ShardedNetwork(network, seed)
+
+        return Models(shard(models.student), shard(models.teacher), models.extra, models.teacher_extra)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self, iteration: int) -> dict:
@@ -174,6 +226,7 @@ class Trainer:
     def resume_from(self, path: str | Path) -> None:
         """Restore every piece of training state saved by ``save`` at the end of an iteration."""
         state = load_checkpoint(path)
+        self.method.upgrade_checkpoint(state, str(path))
         trained_in = state.get("precision", "fp32")  # checkpoints from before train.precision: fp32
         if trained_in != self.precision:
             raise ConfigError(
@@ -184,6 +237,15 @@ class Trainer:
         stored = copy.deepcopy(state["config"])
         stored.get("train", {}).setdefault("precision", "fp32")  # written before these keys existed
         stored.get("train", {}).setdefault("channels_last", False)
+        stored.get("train", {}).setdefault("sync_batchnorm", False)
+        data = stored.get("data", {})
+        for key, default in (
+            ("slicing_axis", "auto"),
+            ("target_spacing", None),
+            ("crop_to_nonzero", False),
+            ("ct_normalization", None),
+        ):
+            data.setdefault(key, default)
         if stored != self.config.to_dict():
             raise ConfigError(
                 f"{path}: checkpoint was written with a different config; resume with its own "
@@ -206,13 +268,22 @@ class Trainer:
         self.best_dice = float(state["best"]["dice"])
         self.best_iteration = int(state["best"]["iteration"])
         self.start_iteration = int(state["iteration"])
-        self.train_log.truncate_after(self.start_iteration)
-        self.val_log.truncate_after(self.start_iteration)
+        if self.world.is_main:
+            self.train_log.truncate_after(self.start_iteration)
+            self.val_log.truncate_after(self.start_iteration)
         log.info(
             "resumed from %s at iteration %d (best val Dice %.4f)", path, self.start_iteration, self.best_dice
         )
 
     # -- validation ----------------------------------------------------------------------------
+    def _validate_on_main(self, iteration: int) -> None:
+        """Process 0 validates (and may write best.pt); the others wait for it and take its best."""
+        if self.world.is_main:
+            self.validate(iteration)
+        self.best_dice, self.best_iteration = distributed.broadcast_object(
+            (self.best_dice, self.best_iteration)
+        )
+
     def validate(self, iteration: int) -> float:
         volumes = self.data.val_volumes
         if self.config.data.val_volumes is not None:
@@ -271,7 +342,9 @@ class Trainer:
                 models.extra.load_state_dict(state["extra"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state["method_state"])
-            best.replace(self.output_dir / f"best_stage_end_{iteration}.pt")
+            distributed.barrier()  # every process has read best.pt before process 0 renames it
+            if self.world.is_main:
+                best.replace(self.output_dir / f"best_stage_end_{iteration}.pt")
             log.info(
                 "iteration %d: new stage starts from the previous stage's best (iteration %d, Dice %.4f)",
                 iteration,
@@ -291,13 +364,14 @@ class Trainer:
         lr = poly_lr(train.lr, iteration, train.iterations, train.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = batch.to(self.device)
+        batch = distributed.gather_batch(batch.to(self.device))  # each process built its share
         if train.channels_last:
             batch = Batch(*(_channels_last(getattr(batch, name)) for name in batch.__dataclass_fields__))
+        step_models = self._begin_step(iteration)
         # forward passes and losses in the run's precision; the losses themselves, prototype similarities
         # and banks stay float32 inside it (mpcl.training.precision); backward, SGD and EMA outside it
-        with autocast(self.precision, self.device):
-            terms = self.method.training_step(batch, models, StepInfo(iteration, train.iterations))
+        with autocast(self.precision, self.device), distributed.synchronised_batch_norm(train.sync_batchnorm):
+            terms = self.method.training_step(batch, step_models, StepInfo(iteration, train.iterations))
         loss = torch.stack([value.float() for value in terms.values()]).sum()
         if not torch.isfinite(loss):
             values = {name: round(value.item(), 6) for name, value in terms.items()}
@@ -308,17 +382,38 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
+            self._reduce_gradients()
             self.optimizer.step()
         else:  # fp16: gradients scaled up so that small ones do not underflow; steps with inf/NaN skipped
             self.scaler.scale(loss).backward()
+            self._reduce_gradients()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        if models.teacher is not None:
-            decay = min(1 - 1 / (iteration + 1), self.method.ema_decay)
-            ema_update(models.teacher, models.student, decay)
-            if models.teacher_extra is not None:
-                ema_update(models.teacher_extra, models.extra, decay)
+        update_teacher(models, self.method.teacher_update(), iteration)
         return loss.detach(), {name: value.detach() for name, value in terms.items()}, lr
+
+    def _begin_step(self, iteration: int) -> Models:
+        """The step's view of the networks. With several processes: process 0's batch-norm buffers on
+        every process (as DDP broadcasts them; they may differ after a shard's statistics or process 0's
+        recalibration), and the sharded networks' random streams set to this iteration."""
+        models = self.models
+        if not self.world.distributed:
+            return models
+        distributed.broadcast_module(models.student, buffers_only=True)
+        distributed.broadcast_module(models.teacher, buffers_only=True)
+        for network in (self.step_models.student, self.step_models.teacher):
+            if network is not None:
+                network.begin_step(iteration)
+        return self.step_models
+
+    def _reduce_gradients(self) -> None:
+        """With several processes: the student's per-process shares of the gradient summed, the extra
+        modules' (computed whole on every process) averaged."""
+        if not self.world.distributed:
+            return
+        distributed.reduce_gradients(self.models.student.parameters(), average=False)
+        if self.models.extra is not None:
+            distributed.reduce_gradients(self.models.extra.parameters(), average=True)
 
     def fit(self, stop_at: int | None = None, progress: bool = True) -> TrainResult:
         """Train from ``start_iteration`` to the configured budget (or ``stop_at``, for interruptions)."""
@@ -330,6 +425,8 @@ class Trainer:
         for module in (models.extra, models.teacher, models.teacher_extra):
             if module is not None:
                 module.train()  # as SSL4MIS: the teacher sees dropout and batch statistics
+        main = self.world.is_main  # the one process that validates, logs and writes checkpoints
+        progress = progress and main
         bar = tqdm(
             total=stop - self.start_iteration, desc=self.config.experiment, unit="it", disable=not progress
         )
@@ -348,7 +445,7 @@ class Trainer:
                     self.start_stage(iteration)
                 loss, terms, lr = self.train_step(iteration, batch)
                 completed = done = iteration + 1
-                if done % train.log_every == 0 or done == stop:
+                if main and (done % train.log_every == 0 or done == stop):
                     row = {"iteration": done, "lr": lr, "loss": loss.item()}
                     row.update({f"loss_{name}": value.item() for name, value in terms.items()})
                     row.update(self.method.diagnostics())
@@ -359,13 +456,15 @@ class Trainer:
                 bar.update(1)
                 if done % train.val_every == 0 or done == total or done in self.stage_switches:
                     validation_started = time.perf_counter()
-                    self.validate(done)
+                    self._validate_on_main(done)
                     validation_seconds += time.perf_counter() - validation_started
                     postfix["best_dice"] = f"{max(self.best_dice, 0):.3f}"  # this validation included
                     bar.set_postfix(postfix)
-                if done % train.checkpoint_every == 0 or done == stop:
+                if main and (done % train.checkpoint_every == 0 or done == stop):
                     self.save("latest.pt", done)
         except KeyboardInterrupt:
+            if not main:
+                raise
             self.save("latest.pt", completed)
             log.warning(
                 "interrupted after iteration %d; resume with --resume %s",
@@ -387,7 +486,9 @@ class Trainer:
             elapsed / max(run, 1),
             run,
         )
-        self._finish(result)
+        if main:
+            self._finish(result)
+        distributed.barrier()  # the run's files are complete before any process moves on
         return result
 
     def _finish(self, result: TrainResult) -> None:

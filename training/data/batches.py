@@ -1,8 +1,9 @@
 """Turning slices into the two-stream tensors of one training step.
 
 Every random choice of batch t is drawn from generators seeded by (seed, t, stream, position), so a
-batch is reproducible on its own: resuming needs no data-loader state, and a background thread can
-prepare batch t+1 while the model trains on batch t.
+batch is reproducible on its own: resuming needs no data-loader state, a background thread can
+prepare batch t+1 while the model trains on batch t, and each of N training processes can build just its
+share of the positions (``shard``): the shares, put together in rank order, are the one-process batch.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class BatchFactory:
         augment: AugmentConfig,
         seed: int,
         strong_views: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        """``shard`` = (rank, processes): build only positions [rank·b/n, (rank+1)·b/n) of each stream's
+        b positions (b a multiple of n)."""
         if not labeled:
             raise ValueError("no labelled slices to train on")
         if unlabeled_batch > 0 and not unlabeled:
@@ -60,14 +64,26 @@ class BatchFactory:
         self.augment = augment
         self.seed = seed
         self.strong_views = strong_views
+        rank, processes = shard
+        for name, size in (("labeled_batch", labeled_batch), ("unlabeled_batch", unlabeled_batch)):
+            if size % processes:
+                raise ValueError(f"train.{name} {size} is not a multiple of the {processes} processes")
+        self.shard = shard
         self.sampler = TwoStreamSampler(len(labeled), len(unlabeled), labeled_batch, unlabeled_batch, seed)
 
     def _rng(self, iteration: int, stream: int, position: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, iteration, stream, position])
 
+    def _share(self, indices: list[int]) -> tuple[list[int], int]:
+        """This process's part of a stream's indices, and the batch position of its first one."""
+        rank, processes = self.shard
+        share = len(indices) // processes
+        return indices[rank * share : (rank + 1) * share], rank * share
+
     def _views(self, slices: Sequence[Slice2D], indices: list[int], iteration: int, stream: int):
         images, labels, strong = [], [], []
-        for position, index in enumerate(indices):
+        indices, first = self._share(indices)
+        for position, index in enumerate(indices, first):
             rng = self._rng(iteration, stream, position)
             item = slices[index]
             image, label = weak_view(rng, item.image, item.label, self.patch_size, self.augment)

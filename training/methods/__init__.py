@@ -5,7 +5,7 @@ from __future__ import annotations
 from mpcl.errors import ConfigError
 from mpcl.training.config_schema import MethodConfig, dataclass_from_dict
 from mpcl.training.methods.barl import BARL
-from mpcl.training.methods.base import Method, Models, StepInfo
+from mpcl.training.methods.base import Method, Models, StepInfo, TeacherUpdate
 from mpcl.training.methods.bcp import BCP
 from mpcl.training.methods.distill import Distill
 from mpcl.training.methods.mean_teacher import MeanTeacher
@@ -38,6 +38,7 @@ __all__ = [
     "Method",
     "Models",
     "StepInfo",
+    "TeacherUpdate",
     "build_method",
     "method_class",
     "method_params_from_config",

@@ -3,7 +3,9 @@
 A method is data, not a loop: it declares what it needs (an EMA teacher, unlabelled data, strong views),
 owns its parameters and extra modules, and turns one batch into a dict of named, already-weighted loss
 terms. The trainer sums the terms, logs each by name (so ablations are visible), steps the optimiser and
-updates the teacher.
+owns the teacher's lifecycle: it creates the teacher as a copy of the student, copies the student into it
+at every stage switch, moves it after each step as the method's ``teacher_update`` says, and saves it with
+the checkpoints. A method only reads ``models.teacher``; it never keeps a teacher of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ class Models:
 class StepInfo:
     iteration: int  # 0-based index of the current step
     total_iterations: int
+
+
+@dataclass(frozen=True)
+class TeacherUpdate:
+    """How the trainer moves the teacher after each optimiser step: ``ema`` (teacher ← d·teacher +
+    (1 − d)·student on parameters, d = min(1 − 1/(t+1), ``decay``)) or ``frozen`` (the teacher stays as it
+    was copied from the student at the run's start or at the last stage switch). Either way its batch-norm
+    buffers are its own: a teacher in training mode keeps updating them."""
+
+    kind: Literal["ema", "frozen"] = "ema"
+    decay: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,10 @@ class Method:
         """Upper bound of the teacher's EMA decay (the trainer ramps it as min(1 − 1/(t+1), decay))."""
         return float(getattr(self.params, "ema_decay", 0.99))
 
+    def teacher_update(self) -> TeacherUpdate:
+        """How the trainer moves this method's teacher (only asked when ``uses_teacher``)."""
+        return TeacherUpdate("ema", self.ema_decay)
+
     @classmethod
     def check_batches(cls, params: Any, labeled_batch: int, unlabeled_batch: int) -> str | None:
         """A sentence saying why these batch sizes cannot work for the method, or None if they can."""
@@ -110,6 +127,11 @@ class Method:
     def state_dict(self) -> dict[str, Any]:
         """Non-trainable method state that must survive a resume (e.g. a prototype bank)."""
         return {}
+
+    def upgrade_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Rewrite, in place, a whole checkpoint written by an earlier version of the method into this
+        version's layout before a resume loads it, or raise ``ConfigError`` naming ``source`` and saying why
+        it cannot continue. The default accepts every checkpoint as it is."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:

@@ -52,9 +52,12 @@ Choices the spec leaves open, and why:
 * Teacher = EMA of the student network and of the student's projection head; the teacher's embeddings
   are that head's output LayerNorm'd and normalised. The code's separate teacher head (3×3 conv, BN,
   Dropout2d) is never trained there; an EMA needs a trained student counterpart, so the student's own
-  head plays that role. ``teacher_update: frozen`` reproduces the code's untrained teacher: a copy of
-  the initial teacher that never moves (its batch-norm statistics do, as in the code), saved with the
-  method state (on ``base.mix: bcp`` BCP's pseudo-labels still come from the EMA teacher).
+  head plays that role. ``teacher_update: frozen`` reproduces the code's untrained teacher: the trainer
+  then never moves the teacher (its batch-norm statistics do, as in the code), which stays as it was
+  copied from the student at the start (on ``base.mix: bcp``: at the stage switch, so BCP's pseudo-labels
+  then come from that fixed pre-trained network too). The trainer owns the teacher
+  (``Method.teacher_update``) and saves it; checkpoints of the earlier layout, where PCCS kept its own
+  frozen copy in its state, are upgraded on resume (``base.mix: none``) or refused with the reason.
 * Sandwiched classes: the rings measured from each side are restricted to the class's own pixels, so
   every prototype labelled c is made of class-c pixels (the code also averages neighbouring classes).
 * Layers are grouped into K slots sorted by depth over the whole batch (the code concatenates images
@@ -83,7 +86,6 @@ Choices the spec leaves open, and why:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -111,7 +113,15 @@ from mpcl.training.losses.pccs import (
 )
 from mpcl.training.losses.prototypes import IGNORE, group_prototypes
 from mpcl.training.losses.sdm import Layer, class_layers, sdm_layers
-from mpcl.training.methods.base import Method, Models, StageSwitch, StepInfo, check_params, delayed_ramp
+from mpcl.training.methods.base import (
+    Method,
+    Models,
+    StageSwitch,
+    StepInfo,
+    TeacherUpdate,
+    check_params,
+    delayed_ramp,
+)
 from mpcl.training.methods.bcp import (
     BCPParams,
     check_copy_paste_batches,
@@ -244,16 +254,15 @@ class PCCS(Method):
         self.active = params.contrast or params.proto_update or params.unc_consistency
         self.bank = PrototypeBank([params.K] * num_classes, params.embed_dim, params.gamma)
         generator = torch.Generator().manual_seed(PROTOTYPE_SEED)
-        initial = torch.randn(num_classes, params.K, params.embed_dim, generator=generator)
-        self.bank.prototypes = F.normalize(initial, dim=-1)
-        self.bank.valid = torch.ones_like(self.bank.valid)
-        self._frozen: nn.ModuleDict | None = None
-        self._frozen_state: dict[str, torch.Tensor] | None = None
+        self.bank.fill(torch.randn(num_classes, params.K, params.embed_dim, generator=generator))
         self._last: dict[str, torch.Tensor] = {}
 
     @property
     def ema_decay(self) -> float:
         return self.params.base.ema_decay
+
+    def teacher_update(self) -> TeacherUpdate:
+        return TeacherUpdate(self.params.teacher_update, self.ema_decay)
 
     @classmethod
     def check_batches(cls, params: PCCSParams, labeled_batch: int, unlabeled_batch: int) -> str | None:
@@ -284,28 +293,13 @@ class PCCS(Method):
         return p.lambda_c * delayed_ramp(step, p.consistency_start, p.rampup_iterations)
 
     # -- the step --------------------------------------------------------------------------------
-    def _teacher(self, models: Models) -> tuple[nn.Module, nn.Module]:
-        """The teacher network and projection head: the trainer's EMA copies, or (``frozen``) a copy of
-        the teacher as it was at the run's first step."""
-        if self.params.teacher_update == "ema":
-            return models.teacher, models.teacher_extra["projection"]
-        if self._frozen is None:
-            self._frozen = nn.ModuleDict(
-                {
-                    "network": copy.deepcopy(models.teacher),
-                    "projection": copy.deepcopy(models.teacher_extra["projection"]),
-                }
-            )
-            if self._frozen_state is not None:
-                self._frozen.load_state_dict(self._frozen_state)
-                self._frozen_state = None
-        return self._frozen["network"], self._frozen["projection"]
-
     def training_step(self, batch: Batch, models: Models, step: StepInfo) -> dict[str, torch.Tensor]:
         """The base's terms from PCCS's own view of the step, plus PCCS's terms. With every component
         off the view runs exactly the base's computation (same passes, same RNG draws)."""
         p = self.params
-        teacher_network, teacher_head = self._teacher(models) if self.active else (None, None)
+        teacher_network, teacher_head = None, None
+        if self.active:  # the trainer's teacher, moved by EMA or kept frozen (``teacher_update``)
+            teacher_network, teacher_head = models.teacher, models.teacher_extra["projection"]
         if p.base.mix == "bcp":
             terms, view = self._copy_paste_view(batch, models, step, teacher_network)
         else:
@@ -512,11 +506,10 @@ class PCCS(Method):
             target, sampled = self._assign(scores, teacher_labels)
             agreeing = torch.where(agree, teacher_labels, torch.full_like(teacher_labels, IGNORE))
             means, counts = group_prototypes(z_teacher, agreeing, sampled, num_classes, k)
-            # PCCS tracks no intensities: passing the bank's own leaves them as they are
-            bank.update(means, bank.intensity, counts, n_min=1)
+            bank.update(means, None, counts, n_min=1)  # PCCS tracks no intensities
             layer_prototypes, present = grouped_layers
             present_counts = present[:, None].expand(-1, k).long()
-            bank.update(layer_prototypes, bank.intensity, present_counts, n_min=1, momentum=p.mix_momentum)
+            bank.update(layer_prototypes, None, present_counts, n_min=1, momentum=p.mix_momentum)
             self._last["pccs_agreement"] = agree[teacher_labels >= 0].float().mean()
         # teacher features scored by the student's prototypes: only W_S learns from l_aux
         return F.cross_entropy(run_fp32(prototype_layer, z_teacher), target, ignore_index=IGNORE)
@@ -527,22 +520,47 @@ class PCCS(Method):
         means, counts = group_prototypes(
             z_teacher, teacher_labels, torch.zeros_like(teacher_labels), self.num_classes, 1
         )
-        shape = self.bank.prototypes.shape
-        self.bank.update(means.expand(shape), self.bank.intensity, counts.expand(shape[:2]), n_min=1)
+        self.bank.update_per_class(means, counts, n_min=1)
 
     # -- state and diagnostics ---------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:
         return {name: float(value) for name, value in self._last.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"bank": self.bank.state_dict()}
-        if self._frozen is not None:
-            state["frozen_teacher"] = {name: t.cpu() for name, t in self._frozen.state_dict().items()}
-        return state
+        return {"bank": self.bank.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if FROZEN_TEACHER_KEY in state:
+            raise ValueError(
+                "pccs method state holds a frozen teacher (the earlier checkpoint layout); "
+                "resume it through the trainer, which upgrades it"
+            )
         self.bank.load_state_dict(state["bank"])
-        if self.params.teacher_update == "frozen" and self.active:  # inactive: never snapshotted
-            if "frozen_teacher" not in state:
-                raise ValueError("pccs checkpoint has no frozen teacher but teacher_update is 'frozen'")
-            self._frozen, self._frozen_state = None, state["frozen_teacher"]
+
+    def upgrade_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Earlier checkpoints of ``teacher_update: frozen`` kept PCCS's frozen teacher (network and
+        projection head) in the method state, next to an EMA teacher that PCCS did not read on
+        ``base.mix: none``: that frozen copy becomes the trainer's teacher, so the run continues exactly.
+        On ``base.mix: bcp`` the EMA teacher was BCP's pseudo-labeller while PCCS read the untrained copy;
+        one frozen teacher cannot continue that run, so it is refused."""
+        frozen = checkpoint.get("method_state", {}).pop(FROZEN_TEACHER_KEY, None)
+        if frozen is None:
+            return
+        if self.params.base.mix != "none":
+            raise ConfigError(
+                f"{source}: written when pccs with teacher_update: frozen on base.mix: bcp kept a separate "
+                "untrained teacher for its prototypes; the teacher is now one, frozen at the stage switch, "
+                "so this run cannot continue exactly: start it again"
+            )
+        checkpoint["teacher"] = _prefixed(frozen, "network.")
+        teacher_extra = dict(checkpoint["teacher_extra"])
+        teacher_extra.update({f"projection.{k}": v for k, v in _prefixed(frozen, "projection.").items()})
+        checkpoint["teacher_extra"] = teacher_extra
+
+
+FROZEN_TEACHER_KEY = "frozen_teacher"  # where earlier versions kept PCCS's own frozen teacher
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, with the prefix removed."""
+    return {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}

@@ -34,28 +34,50 @@ class PrototypeBank:
         return self
 
     @torch.no_grad()
+    def fill(self, prototypes: torch.Tensor) -> None:
+        """Start every slot at ``prototypes`` (C × K × D, normalised here) and count it as seen: for a bank
+        that begins from fixed vectors instead of its first sightings."""
+        if prototypes.shape != self.prototypes.shape:
+            raise ValueError(
+                f"prototypes of shape {tuple(prototypes.shape)} do not fit the bank's "
+                f"{tuple(self.prototypes.shape)}"
+            )
+        self.prototypes = F.normalize(prototypes.to(self.prototypes), dim=-1)
+        self.valid = self.allowed.clone()
+
+    @torch.no_grad()
     def update(
         self,
         means: torch.Tensor,
-        mean_intensity: torch.Tensor,
+        mean_intensity: torch.Tensor | None,
         counts: torch.Tensor,
         n_min: int,
         momentum: float | None = None,
     ) -> None:
         """EMA towards the batch prototypes of the (class, group)s seen on ≥ ``n_min`` pixels; a slot's
-        first sighting initialises it. ``momentum`` overrides the bank's own for this update."""
+        first sighting initialises it. ``momentum`` overrides the bank's own for this update;
+        ``mean_intensity`` None leaves the groups' intensities as they are (a method that tracks none)."""
         seen = (counts >= n_min) & self.allowed
         m = self.momentum if momentum is None else momentum
         # the bank stays float32 whatever the step's precision: an EMA step of 1 % is below bf16's resolution
-        means, mean_intensity = means.to(self.prototypes.dtype), mean_intensity.to(self.intensity.dtype)
+        means = means.to(self.prototypes.dtype)
         blended = F.normalize(m * self.prototypes + (1 - m) * means, dim=-1)
         updated = torch.where(self.valid[..., None], blended, means)
         self.prototypes = torch.where(seen[..., None], updated, self.prototypes)
-        blended_intensity = torch.where(
-            self.valid, m * self.intensity + (1 - m) * mean_intensity, mean_intensity
-        )
-        self.intensity = torch.where(seen, blended_intensity, self.intensity)
+        if mean_intensity is not None:
+            mean_intensity = mean_intensity.to(self.intensity.dtype)
+            blended_intensity = torch.where(
+                self.valid, m * self.intensity + (1 - m) * mean_intensity, mean_intensity
+            )
+            self.intensity = torch.where(seen, blended_intensity, self.intensity)
         self.valid = self.valid | seen
+
+    @torch.no_grad()
+    def update_per_class(self, class_means: torch.Tensor, class_counts: torch.Tensor, n_min: int) -> None:
+        """Every group of a class follows the class's one batch mean (``class_means`` C × 1 × D,
+        ``class_counts`` C × 1): ``update`` with the mean repeated over the class's groups."""
+        shape = self.prototypes.shape
+        self.update(class_means.expand(shape), None, class_counts.expand(shape[:2]), n_min)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
