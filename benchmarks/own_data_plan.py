@@ -34,74 +34,22 @@ from pathlib import Path
 
 import numpy as np
 
+from mpcl.training.data.phantom import CLASS_NAMES
+from mpcl.training.data.phantom_raw import (
+    FIELD_OF_VIEW_MM,
+    SLICES,
+    TEST_CASES,
+    THROUGH_PLANE_MM,
+    TRAIN_CASES,
+    write_phantom_raw_dataset,
+)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import append_run, machine_record  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-FIELD_OF_VIEW_MM = 192.0
-THROUGH_PLANE_MM = 8.0
-SLICES = 8
-CLASS_NAMES = ["background", "RV", "myocardium", "LV"]
-# (in-plane spacing mm, zero border as a fraction of the matrix on each side)
-TRAIN_CASES = [
-    (1.0, 0.0),
-    (1.5, 0.25),
-    (2.0, 0.5),
-    (1.0, 0.4),
-    (1.5, 0.0),
-    (2.0, 0.1),
-    (1.25, 0.3),
-    (1.75, 0.15),
-    (1.25, 0.0),
-    (1.5, 0.45),
-]
-TEST_CASES = [(0.8, 0.2), (2.4, 0.0), (1.2, 0.6), (1.6, 0.35)]  # spacings/borders no training case has
 MODEL_CHANNELS = [8, 16, 32, 64, 128]
-
-
-def phantom_case(seed: int, spacing: float, border: float) -> tuple[np.ndarray, np.ndarray]:
-    """One phantom volume at ``spacing`` mm in-plane (matrix = field of view / spacing) with a zero border
-    of ``border`` times the matrix on each side; MR-like raw intensities (strictly positive inside)."""
-    from mpcl.training.data.phantom import PhantomSpec, make_phantom_volume
-
-    matrix = int(round(FIELD_OF_VIEW_MM / spacing))
-    spec = PhantomSpec(size=(matrix, matrix), slices_per_volume=SLICES, spacing=(spacing, spacing, 8.0))
-    volume, _ = make_phantom_volume(seed, spec)
-    pad = int(round(border * matrix))
-    image = np.pad(volume.image * 1000.0 + 20.0, ((0, 0), (pad, pad), (pad, pad)))
-    label = np.pad(volume.label, ((0, 0), (pad, pad), (pad, pad)))
-    return image.astype(np.float32), label.astype(np.uint8)
-
-
-def write_layout(root: Path, seed: int) -> Path:
-    """The nnU-Net v2 raw dataset: imagesTr/labelsTr (TRAIN_CASES), imagesTs/labelsTs (TEST_CASES)."""
-    import json
-
-    import SimpleITK as sitk
-
-    def write(array: np.ndarray, path: Path, spacing: float) -> None:
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing((spacing, spacing, THROUGH_PLANE_MM))
-        image.SetOrigin((-FIELD_OF_VIEW_MM / 2, -FIELD_OF_VIEW_MM / 2, 0.0))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(image, str(path))
-
-    for split, cases, offset in (("Tr", TRAIN_CASES, 0), ("Ts", TEST_CASES, 100)):
-        for index, (spacing, border) in enumerate(cases):
-            image, label = phantom_case(seed * 1000 + offset + index, spacing, border)
-            name = f"phantom_{offset + index:03d}"
-            write(image, root / f"images{split}" / f"{name}_0000.nii.gz", spacing)
-            write(label, root / f"labels{split}" / f"{name}.nii.gz", spacing)
-    description = {
-        "name": root.name,
-        "channel_names": {"0": "MRI"},
-        "labels": {name: value for value, name in enumerate(CLASS_NAMES)},
-        "numTraining": len(TRAIN_CASES),
-        "file_ending": ".nii.gz",
-    }
-    (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
-    return root
 
 
 def planned_config(root: Path, args: argparse.Namespace) -> tuple[dict, dict]:
@@ -220,7 +168,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="mpcl-own-data-plan-") as scratch:
         work = Path(scratch)
-        root = write_layout(work / "Dataset900_PhantomMixed", args.seed)
+        root = write_phantom_raw_dataset(work / "Dataset900_PhantomMixed", args.seed)
         planned, plan = planned_config(root, args)
         runs = {
             "planned": train_and_test("planned", planned, root, work),

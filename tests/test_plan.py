@@ -310,3 +310,52 @@ def test_cli_errors_are_one_sentence_with_exit_code_2(mr, tmp_path):
     assert result.exit_code == 2
     assert "imagesTr/c1_0000.nii.gz" in result.output and "--verify" in result.output
     assert not (broken / "plans.json").exists()
+
+
+# -- the example dataset and the README's own-data commands --------------------------------------------
+def test_write_example_refuses_a_folder_that_holds_files(tmp_path):
+    (tmp_path / "mine.nii.gz").write_bytes(b"not to be overwritten")
+    result = CliRunner().invoke(plan_main, [str(tmp_path), "--write-example"])
+    assert result.exit_code == 2 and "is not an empty folder" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.nii.gz"]
+
+
+def _readme_own_data_commands() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text[text.index("Your own data") :]
+    block = block[block.index("```bash") + len("```bash") : block.index("```", block.index("```bash") + 7)]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+
+
+@pytest.mark.slow
+def test_readme_own_data_commands_run_as_written_and_outputs_keep_each_scans_grid(tmp_path):
+    """The README's four own-data lines, in a fresh folder; mpcl-train gets 2 iterations instead of the
+    plan's budget. The outputs are named like labelsTs and lie on their scans' grids."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    commands = _readme_own_data_commands()
+    assert [c.split()[0] for c in commands] == ["mpcl-plan", "mpcl-plan", "mpcl-plan", "mpcl-segment"]
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    for command in commands:
+        command = command.replace(
+            "--config runs/example.yaml", "--config runs/example.yaml --iterations 2 --threads 1"
+        )
+        assert shutil.which(command.split()[0], path=env["PATH"])
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    data = tmp_path / "runs" / "example_data"
+    outputs = sorted(p.name for p in (tmp_path / "runs" / "example_seg").iterdir())
+    assert outputs == sorted(p.name for p in (data / "labelsTs").iterdir())  # the _0000 tag dropped
+    for name in outputs:
+        scan = sitk.ReadImage(str(data / "imagesTs" / name.replace(".nii.gz", "_0000.nii.gz")))
+        labels = sitk.ReadImage(str(tmp_path / "runs" / "example_seg" / name))
+        assert labels.GetSize() == scan.GetSize()
+        assert np.allclose(labels.GetSpacing(), scan.GetSpacing())
+        assert np.allclose(labels.GetOrigin(), scan.GetOrigin())
+        assert np.allclose(labels.GetDirection(), scan.GetDirection())

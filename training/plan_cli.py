@@ -2,6 +2,7 @@
 
     mpcl-plan my_dataset --verify                      check it; exit 1 on any defect
     mpcl-plan my_dataset --config-out my_dataset.yaml  plans.json next to the data, plus a config
+    mpcl-plan example_dataset --write-example          a small raw dataset to try the two steps on
 
 Errors the user can fix are one sentence with exit code 2 (as mpcl-train); ``--verify`` prints one line
 per problem and exits 1 when there is a defect.
@@ -81,14 +82,35 @@ def _plans_path(dataset: Path, output: Path | None) -> Path:
     type=int,
     help="Written config: use only the first N training cases as labelled, the rest as unlabelled.",
 )
+@click.option(
+    "--write-example",
+    is_flag=True,
+    help="Write a small example dataset into DATASET (a new folder) and stop: the cardiac phantom as an "
+    "nnU-Net raw dataset at mixed in-plane spacings and fields of view, with a test set.",
+)
 @no_progress_option("Hide the progress bar.")
 @version_option()
 @friendly_errors
 def plan_main(
-    dataset, verify, preset, output, config_out, base_config, method, labeled_cases, no_progress
+    dataset,
+    verify,
+    preset,
+    output,
+    config_out,
+    base_config,
+    method,
+    labeled_cases,
+    write_example,
+    no_progress,
 ) -> None:
     """Fingerprint DATASET (imagesTr/, labelsTr/, dataset.json) and plan training from it."""
     _setup_logging()
+    if write_example:
+        from mpcl.training.data.phantom_raw import write_phantom_raw_dataset
+
+        write_phantom_raw_dataset(dataset)
+        click.echo(f"Wrote an example dataset to {dataset}; next: mpcl-plan {dataset} --verify")
+        return
     if not dataset.is_dir():
         raise InputError(f"{dataset}: dataset folder does not exist")
     if verify:
