@@ -110,3 +110,26 @@ def ct_dataset(root: Path) -> tuple[Path, list[Case]]:
         image[1, 5, 5] = 3000.0  # one bright outlier the clip removes
         cases.append(Case(f"ct_{i:03d}", image, label, (0.7, 0.7, 2.5)))
     return write_dataset(root, cases, channel_names={"0": "CT"}), cases
+
+
+def train_slim(config: dict, config_path: Path, output_dir: Path, iterations: int):
+    """Train a config ``mpcl-plan --config-out`` wrote for ``iterations`` steps with a slim network and
+    batches of 2 (seconds on one thread); returns the CliRunner result."""
+    import yaml
+    from click.testing import CliRunner
+
+    from mpcl.training.cli import train_main
+
+    config["model"] = {"channels": [4, 8, 8, 16, 16]}
+    config["output_dir"] = str(output_dir)
+    config["train"].update(
+        iterations=iterations,
+        val_every=iterations,
+        checkpoint_every=iterations,
+        labeled_batch=2,
+        unlabeled_batch=2,
+        device="cpu",
+        num_threads=1,
+    )
+    config_path.write_text(yaml.safe_dump(config))
+    return CliRunner().invoke(train_main, ["--config", str(config_path), "--no-progress"])

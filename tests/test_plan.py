@@ -21,6 +21,7 @@ from tests.plan_helpers import (
     ct_dataset,
     mr_case,
     mr_dataset,
+    train_slim,
     write_dataset,
     write_volume,
 )
@@ -270,7 +271,6 @@ def test_cli_default_output_is_next_to_the_data_and_keeps_a_base_configs_method(
 
 @pytest.mark.slow  # trains two iterations
 def test_unlabelled_images_make_the_default_semi_supervised_and_the_config_trains(tmp_path):
-    from mpcl.training.cli import train_main
 
     root, cases = mr_dataset(tmp_path / "Dataset003_MR")
     write_volume(cases[0].image, root / "imagesUnlabelled" / "extra_0000.nii.gz", cases[0].spacing)
@@ -281,12 +281,7 @@ def test_unlabelled_images_make_the_default_semi_supervised_and_the_config_train
     config = yaml.safe_load(config_path.read_text())
     assert config["method"]["name"] == "mean_teacher"
     # ready to run: two iterations of the written config with a slim network
-    config["model"] = {"channels": [4, 8, 8, 16, 16]}
-    config["output_dir"] = str(tmp_path / "run")
-    config["train"].update(iterations=2, val_every=2, checkpoint_every=2, labeled_batch=2, unlabeled_batch=2)
-    config["train"].update(device="cpu", num_threads=1)
-    config_path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(train_main, ["--config", str(config_path), "--no-progress"])
+    result = train_slim(config, config_path, tmp_path / "run", iterations=2)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "best.pt").is_file()
 

@@ -29,7 +29,7 @@ from mpcl.planned_geometry import (
 )
 from mpcl.preprocessing import normalize_intensity
 from mpcl.training.config import config_from_dict
-from tests.plan_helpers import Case, write_dataset, write_volume
+from tests.plan_helpers import Case, train_slim, write_dataset, write_volume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -385,7 +385,6 @@ def test_planned_loader_crops_resamples_and_cuts_patch_sized_windows(tmp_path):
 def test_plan_train_package_and_segment_a_scan_at_another_spacing_and_size(tmp_path):
     from mpcl import Segmenter
     from mpcl.nn.checkpoint import load_checkpoint
-    from mpcl.training.cli import train_main
     from mpcl.training.evaluate import volume_predictor
     from mpcl.training.plan_cli import plan_main
     from mpcl.training.trainer import inference_model_from_checkpoint, stored_config
@@ -398,12 +397,7 @@ def test_plan_train_package_and_segment_a_scan_at_another_spacing_and_size(tmp_p
     data = config["data"]
     assert data["crop_to_nonzero"] is True and data["slicing_axis"] == "z"
     assert data["target_spacing"] == [1.0, 1.0] and config["evaluation"]["resize"] == "linear"
-    config["model"] = {"channels": [4, 8, 8, 16, 16]}
-    config["output_dir"] = str(tmp_path / "run")
-    config["train"].update(iterations=3, val_every=3, checkpoint_every=3, labeled_batch=2, unlabeled_batch=2)
-    config["train"].update(device="cpu", num_threads=1)
-    config_path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(train_main, ["--config", str(config_path), "--no-progress"])
+    result = train_slim(config, config_path, tmp_path / "run", iterations=3)
     assert result.exit_code == 0, result.output
 
     state = load_checkpoint(tmp_path / "run" / "best.pt")

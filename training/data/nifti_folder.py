@@ -168,11 +168,15 @@ def volume_to_slices(
     if volume.planned is not None:
         return _planned_slices(volume, volume.planned, patch_size, num_classes)
     axis = through_plane_axis(volume.spacing)
-    image = np.moveaxis(volume.image, axis, 0)
     label = None if volume.label is None else np.moveaxis(volume.label, axis, 0)
+    return _whole_slices(volume.name, np.moveaxis(volume.image, axis, 0), label)
+
+
+def _whole_slices(name: str, image: np.ndarray, label: np.ndarray | None) -> list[Slice2D]:
+    """One training slice per index of the first axis of (d, h, w) ``image`` (and ``label``)."""
     return [
         Slice2D(
-            f"{volume.name}_slice_{z}",
+            f"{name}_slice_{z}",
             np.ascontiguousarray(image[z]),
             None if label is None else np.ascontiguousarray(label[z]),
         )
@@ -192,14 +196,7 @@ def _planned_slices(
     image = np.moveaxis(volume.image[region], axis, 0)
     label = None if volume.label is None else np.moveaxis(volume.label[region], axis, 0)
     if geometry.target_spacing is None:  # whole (cropped) slices, zoomed to the patch by the augmentation
-        return [
-            Slice2D(
-                f"{volume.name}_slice_{z}",
-                np.ascontiguousarray(image[z]),
-                None if label is None else np.ascontiguousarray(label[z]),
-            )
-            for z in range(image.shape[0])
-        ]
+        return _whole_slices(volume.name, image, label)
     if patch_size is None or num_classes is None:
         raise ValueError("slices at a target spacing need the patch size and the number of classes")
     size = resampled_shape(image.shape[1:], in_plane_spacing(volume.spacing, axis), geometry.target_spacing)
