@@ -448,7 +448,7 @@ def test_built_extension_segments_a_cardiac_phantom_with_the_bundled_sample_mode
     }
     assert dice["RV"] > 0.8 and dice["LV"] > 0.8 and dice["myocardium"] > 0.5, (
         dice
-    )  # 0.95, 0.92, 0.69 measured
+    )  # RV 0.94, myocardium 0.78, LV 0.97 measured (the distilled sample, int8)
 
     reference = Segmenter.from_pretrained(
         installed_extension[0] / "Resources" / "SampleModel", "onnxruntime", "cpu"
@@ -486,8 +486,8 @@ def test_built_extension_segments_an_acdc_test_volume_with_the_bundled_sample_mo
     dice = {
         name: _dice(labels, truth, value) for value, name in enumerate(testdata.PHANTOM_CLASS_NAMES) if value
     }
-    # int8 on this case (mpcl-eval): RV 0.71, myocardium 0.76, LV 0.92; the mean over the 40 test volumes
-    # is in model.json.
+    # the distilled sample, int8, on this case (Segmenter): RV 0.71, myocardium 0.70, LV 0.90; the mean
+    # over the 40 test volumes is in model.json.
     assert dice["RV"] > 0.6 and dice["myocardium"] > 0.65 and dice["LV"] > 0.85, dice
     card = json.loads((installed_extension[0] / "Resources" / "SampleModel" / "model.json").read_text())
     assert card["model_card"]["test_dice"]["int8_onnxruntime"]["LV"] > 0.75

@@ -90,13 +90,14 @@ class MPCLSegmentation(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segment a volume with an MPCL (multiple-prototype contrastive learning) model package, a "
             "semi-supervised 2D segmentation network; segments get standard SNOMED CT terminology. "
-            "Choose the volume and the model package folder (or the bundled sample model, a demonstration "
-            "cardiac model trained on ACDC MRI: right ventricle, myocardium, left ventricle; not for "
-            "clinical use), then Segment: one named, coloured segment per class is added, and optionally "
+            "Choose the volume and the model package folder (or the bundled sample model, a small "
+            "demonstration cardiac model distilled from one trained on ACDC MRI with 3 labelled patients: "
+            "right ventricle, myocardium, left ventricle; not for clinical use), then Segment: one named, "
+            "coloured segment per class is added, and optionally "
             "the voxel-wise uncertainty as a colour-mapped volume. "
             "Inference runs in a separate process (ONNX Runtime on the CPU out of the box, a GPU when one is "
             "usable), so Slicer stays responsive and Cancel stops it at once. "
-            "See plugins/slicer/README.md in the MPCL repository."
+            "See docs/slicer.md and plugins/slicer/README.md in the MPCL repository."
         )
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer's scripted module template and segmentation infrastructure."

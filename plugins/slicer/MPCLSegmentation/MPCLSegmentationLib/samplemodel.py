@@ -1,8 +1,8 @@
 """The sample model the module ships (``Resources/SampleModel``) and the text a model package shows.
 
-The sample is a cardiac model (RV, myocardium, LV) this project trained on ACDC short-axis cine MRI with
-3 labelled patients (BCP, a short CPU budget), int8-quantised, not distilled; its model.json states the
-training data, the method and the test Dice (``description`` and ``model_card``), assembled by
+The sample is a small cardiac model (RV, myocardium, LV), int8-quantised, distilled from one this project
+trained on ACDC short-axis cine MRI with 3 labelled patients (BCP, a short CPU budget); its model.json
+states the training data, the method and the test Dice (``description`` and ``model_card``), assembled by
 ``plugins/slicer/Utilities/build_sample_model.py``. It is a demonstration model, not for clinical use.
 
 Pure Python: reading the description needs neither mpcl nor Qt, so the module shows it before the
