@@ -33,9 +33,12 @@ from mpcl.training.trainer import Trainer
 from tests.conftest import tiny_config_dict
 
 # largest |difference| of any weight, teacher weight or bank entry after 4 steps (SGD lr 0.01, momentum).
-# Measured here: 6e-8 supervised, 2e-7 BCP, 1.5e-6 MPCL on BCP (float32 rounding); without synchronised
-# batch norm (each shard's own statistics) 0.02 to 0.17: 1e-5 fails for such a real mismatch
-WEIGHT_TOLERANCE = 1e-5
+# Measured on the development machine: 6e-8 supervised, 2e-7 BCP, 1.5e-6 MPCL on BCP (float32 rounding;
+# up to 4e-5 where the one-process run used another thread count, whose kernels round differently);
+# without synchronised batch norm (each shard's own statistics) 0.02 to 0.17: 1e-4 fails for such a
+# real mismatch
+WEIGHT_TOLERANCE = 1e-4
+TRAINED = 1e-3  # 4 steps move some weight by more than this: the comparison is not of untrained nets
 ITERATIONS = 4
 
 MPCL_ON_BCP = {
@@ -60,6 +63,7 @@ def _config(output_dir: Path, method: str, params: dict) -> dict:
             "val_every": 2,
             "checkpoint_every": 2,
             "sync_batchnorm": True,
+            "num_threads": 1,  # as every training process: one thread count, one rounding
         }
     )
     return data
@@ -177,7 +181,7 @@ def test_two_processes_with_half_batches_match_one_process_with_the_whole_batch(
     expected = _state(single)
     two = _load(runs / method, method, 0)
     assert _max_difference(expected, two) < WEIGHT_TOLERANCE
-    assert _max_difference(expected, _state(_untrained(config)), False) > 100 * WEIGHT_TOLERANCE  # it trained
+    assert _max_difference(expected, _state(_untrained(config)), False) > TRAINED
     if method in SPAWNED:
         assert _identical(two, _load(runs / method, method, 1))  # both processes hold the same state
     files = {path.name for path in (runs / method).iterdir()}

@@ -342,7 +342,14 @@ def test_readme_own_data_commands_run_as_written_and_outputs_keep_each_scans_gri
             "--config runs/example.yaml", "--config runs/example.yaml --iterations 2 --threads 1"
         )
         assert shutil.which(command.split()[0], path=env["PATH"])
-        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            ["bash", "-c", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
     data = tmp_path / "runs" / "example_data"
     outputs = sorted(p.name for p in (tmp_path / "runs" / "example_seg").iterdir())
