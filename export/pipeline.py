@@ -50,11 +50,11 @@ from mpcl.export.parity import (
     torch_logits,
     validation_slices,
 )
-from mpcl.export.student import stripped_student
 from mpcl.model_package import ModelPackage, build_model_json, sha256_of
 from mpcl.nn.checkpoint import save_checkpoint
 from mpcl.nn.folding import fold_batch_norm
 from mpcl.nn.spec import deployment_spec
+from mpcl.nn.student import stripped_student
 from mpcl.training.data.base import SegmentationData
 
 Echo = Callable[[str], None]

@@ -23,8 +23,8 @@ def tiny_state(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folded_pair(tiny_state):
-    from mpcl.export.student import stripped_student
     from mpcl.nn.folding import fold_batch_norm
+    from mpcl.nn.student import stripped_student
 
     reference, spec = stripped_student(tiny_state)
     return reference, fold_batch_norm(reference), spec

@@ -23,12 +23,10 @@ from torch import nn
 from mpcl.errors import ConfigError
 from mpcl.nn.checkpoint import load_checkpoint
 from mpcl.nn.folding import fold_batch_norm
-from mpcl.nn.spec import build_network_from_spec
+from mpcl.nn.student import stripped_student
 from mpcl.training.data.batches import Batch
 from mpcl.training.losses.dice import soft_dice_loss
 from mpcl.training.methods.base import Method, Models, StepInfo, check_params
-
-TRAINING_ONLY_PREFIXES = ("deep_heads.",)  # auxiliary decoder heads: never used by ``forward``
 
 
 @dataclass
@@ -54,13 +52,7 @@ class DistillParams:
 def load_teacher(path: str | Path) -> nn.Module:
     """The checkpoint's student network, training-only parts stripped, eval mode (BN not folded).
     Building it draws from torch's generator: a run that must stay reproducible wraps it in fork_rng."""
-    state = load_checkpoint(path)
-    metadata = state["metadata"]
-    spec = {**dict(metadata.get("network", {})), "deep_supervision": False}
-    weights = {k: v for k, v in state["student"].items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
-    model = build_network_from_spec(spec, int(metadata.get("in_channels", 1)), int(metadata["num_classes"]))
-    model.load_state_dict(weights)
-    return model.eval()
+    return stripped_student(load_checkpoint(path))[0]
 
 
 def distillation_terms(
