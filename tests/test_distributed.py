@@ -231,6 +231,9 @@ def test_process_shares_of_a_batch_put_together_are_the_one_process_batch(tmp_pa
     assert shares[0].labeled_image.shape[0] == 2
     with pytest.raises(ValueError, match="not a multiple of the 2 processes"):
         BatchFactory(data.labeled, data.unlabeled, (32, 32), 3, 4, AugmentConfig(), 7, shard=(0, 2))
+    BatchFactory(data.labeled, data.unlabeled, (32, 32), 4, 0, AugmentConfig(), 7, shard=(1, 2))
+    with pytest.raises(ConfigError, match="train.unlabeled_batch is 3, not a multiple of the 2"):
+        BatchFactory(data.labeled, data.unlabeled, (32, 32), 4, 3, AugmentConfig(), 7, shard=(1, 2))
 
 
 def test_uneven_shares_and_passes_are_refused_with_the_keys_to_change():
@@ -238,11 +241,6 @@ def test_uneven_shares_and_passes_are_refused_with_the_keys_to_change():
     assert distributed.shard_bounds(4, world) == (2, 4)
     with pytest.raises(ConfigError, match="multiples of 4"):
         distributed.shard_bounds(1, world)
-    from mpcl.training.trainer import check_shares
-
-    check_shares(world, 4, 0)
-    with pytest.raises(ConfigError, match="train.unlabeled_batch is 3, not a multiple of the 2"):
-        check_shares(world, 4, 3)
 
 
 def test_global_batch_norm_is_plain_batch_norm_outside_a_synchronised_step():

@@ -180,9 +180,7 @@ def gather_batch(batch: Any) -> Any:
     def gathered(tensor: torch.Tensor | None) -> torch.Tensor | None:
         if tensor is None or tensor.shape[0] == 0:  # e.g. no unlabelled stream: no rows anywhere
             return tensor
-        parts = [torch.empty_like(tensor) for _ in range(world.size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        return gather_rows(tensor)
 
     return type(batch)(**{f.name: gathered(getattr(batch, f.name)) for f in fields(batch)})
 

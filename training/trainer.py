@@ -94,16 +94,6 @@ def _channels_last(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.contiguous(memory_format=torch.channels_last)
 
 
-def check_shares(world: distributed.World, labeled_batch: int, unlabeled_batch: int) -> None:
-    """Each of several processes builds an equal share of the global batch."""
-    for name, size in (("labeled_batch", labeled_batch), ("unlabeled_batch", unlabeled_batch)):
-        if size % world.size:
-            raise ConfigError(
-                f"train.{name} is {size}, not a multiple of the {world.size} training processes: each "
-                "builds an equal share of the global batch"
-            )
-
-
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -159,7 +149,6 @@ class Trainer:
             parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
         )
         unlabeled_batch = train.unlabeled_batch if self.method.uses_unlabeled else 0
-        check_shares(self.world, train.labeled_batch, unlabeled_batch)
         self.batches = BatchFactory(
             data.labeled,
             data.unlabeled,

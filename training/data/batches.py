@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mpcl.errors import ConfigError
 from mpcl.training.config_schema import AugmentConfig
 from mpcl.training.data.augment import strong_view, weak_view
 from mpcl.training.data.base import Slice2D
@@ -67,7 +68,10 @@ class BatchFactory:
         rank, processes = shard
         for name, size in (("labeled_batch", labeled_batch), ("unlabeled_batch", unlabeled_batch)):
             if size % processes:
-                raise ValueError(f"train.{name} {size} is not a multiple of the {processes} processes")
+                raise ConfigError(
+                    f"train.{name} is {size}, not a multiple of the {processes} processes: each builds an "
+                    "equal share of the global batch"
+                )
         self.shard = shard
         self.sampler = TwoStreamSampler(len(labeled), len(unlabeled), labeled_batch, unlabeled_batch, seed)
 
