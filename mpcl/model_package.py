@@ -30,7 +30,7 @@ from typing import Any
 from mpcl.errors import InputError, ModelPackageError
 from mpcl.io import write_atomically
 from mpcl.planned_geometry import SLICING_AXES, PlannedGeometry
-from mpcl.preprocessing import ALL_SCHEMES, CT_PARAMETERS
+from mpcl.preprocessing import ALL_SCHEMES, CT_PARAMETERS, ct_statistics_problem
 
 PACKAGE_FORMAT = "mpcl-model-package"
 PACKAGE_VERSION = 1
@@ -304,15 +304,13 @@ def _check_normalization(where: Path, normalization: Any) -> None:
         missing = [key for key in CT_PARAMETERS if key not in normalization]
         if missing:
             raise _fail(where, f"the ct normalization needs {list(CT_PARAMETERS)}; missing {missing}")
-        lower, upper, _, std = (
+        statistics = (
             _check_number(where, f"normalization.{key}", normalization[key], -MAX_INTENSITY, MAX_INTENSITY)
             for key in CT_PARAMETERS
         )
-        if lower >= upper or std <= 0:
-            raise _fail(
-                where,
-                f"the ct normalization needs clip_lower < clip_upper and std > 0, got {normalization!r}",
-            )
+        problem = ct_statistics_problem(*statistics)
+        if problem:
+            raise _fail(where, f"the ct normalization {problem}")
     unknown = set(normalization) - allowed
     if unknown:
         raise _fail(where, f"normalization holds unknown key(s) {sorted(unknown)}")

@@ -76,16 +76,23 @@ def normalization_affine(
     return NormalizationAffine(lower, upper, low, high - low)
 
 
+def ct_statistics_problem(lower: float, upper: float, mean: float, std: float) -> str | None:
+    """What makes four ``ct`` statistics unusable, as the end of a sentence, or None: the one rule that
+    the config, ``model.json`` and :func:`ct_affine` each check, with their own error types."""
+    if not all(np.isfinite([lower, upper, mean, std])) or lower >= upper or std <= 0:
+        return f"needs finite clip_lower < clip_upper and std > 0, got clip [{lower}, {upper}], std {std}"
+    return None
+
+
 def ct_affine(params: Mapping) -> NormalizationAffine:
     """The ``ct`` scheme's affine from its four dataset statistics (``CT_PARAMETERS``)."""
     missing = [key for key in CT_PARAMETERS if key not in params]
     if missing:
         raise InputError(f"the ct normalisation needs {list(CT_PARAMETERS)}; missing {missing}")
     lower, upper, mean, std = (float(params[key]) for key in CT_PARAMETERS)
-    if not all(np.isfinite([lower, upper, mean, std])) or lower >= upper or std <= 0:
-        raise InputError(
-            f"the ct normalisation needs finite clip_lower < clip_upper and std > 0, got {dict(params)}"
-        )
+    problem = ct_statistics_problem(lower, upper, mean, std)
+    if problem:
+        raise InputError(f"the ct normalisation {problem}")
     return NormalizationAffine(lower, upper, mean, std)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from mpcl.errors import ConfigError
+from mpcl.preprocessing import ct_statistics_problem
 
 # SSL4MIS `patients_to_slices` for ACDC: labelled patients -> first N lines of train_slices.list.
 ACDC_PATIENTS_TO_SLICES = {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312, 140: 1312}
@@ -109,11 +110,9 @@ class DataConfig:
                 "data.normalization: ct needs data.ct_normalization with clip_lower, clip_upper, mean and "
                 "std (the dataset's foreground statistics; mpcl-plan --config-out writes them)"
             )
-        if not ct.clip_lower < ct.clip_upper or ct.std <= 0:
-            raise ConfigError(
-                "data.ct_normalization needs clip_lower < clip_upper and std > 0, got "
-                f"clip [{ct.clip_lower}, {ct.clip_upper}], std {ct.std}"
-            )
+        problem = ct_statistics_problem(*values)
+        if problem:
+            raise ConfigError(f"data.ct_normalization {problem}")
 
 
 @dataclass
