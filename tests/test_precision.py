@@ -210,7 +210,7 @@ def test_checkpoints_from_before_precision_and_planning_resume_as_fp32_unplanned
     state = load_checkpoint(trainer.save("latest.pt", 1))
     for key in ("precision", "grad_scaler", "cuda_rng"):
         state.pop(key)
-    for key in ("precision", "channels_last", "sync_batchnorm"):
+    for key in ("precision", "channels_last", "sync_batchnorm", "compile"):
         state["config"]["train"].pop(key)
     for key in ("slicing_axis", "target_spacing", "crop_to_nonzero", "ct_normalization"):
         state["config"]["data"].pop(key)  # the planned-geometry keys came later too
@@ -278,3 +278,13 @@ def test_channels_last_gives_the_nchw_losses(tmp_path, name):
     ):
         if value.is_floating_point():
             assert torch.allclose(value, other, rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path, monkeypatch, caplog, native):
+    from mpcl.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="mpcl.train"):
+        _trainer(tmp_path, "supervised", "bf16", iterations=1).fit(progress=False)
+    assert ("bf16 on a CPU without native bf16" in caplog.text) is not native

@@ -186,6 +186,9 @@ class TrainConfig:
     # under torchrun (several processes): the student's and teacher's batch norms use the statistics of
     # the global batch, so N processes normalise as one would (mpcl.training.distributed); no effect alone
     sync_batchnorm: bool = False
+    # the training step's student and teacher through torch.compile (mpcl.training.compilation); costs a
+    # minute or more of compiling before the first step; benchmarks/train_speed.py measures whether it pays
+    compile: bool = False
 
 
 @dataclass

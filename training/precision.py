@@ -61,6 +61,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), as oneDNN sees it: without it, torch
+    runs bf16 convolutions in its slow reference kernels instead of oneDNN's."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older or a differently built torch cannot tell
+        return False
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The context a method's step runs in: nothing for fp32, ``torch.autocast`` otherwise."""
     if precision == "fp32":

@@ -33,12 +33,13 @@ from mpcl.nn.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from mpcl.nn.unet import UNet
 from mpcl.training import distributed
 from mpcl.training.batchnorm import recalibrate_batch_norm, sample_slices
+from mpcl.training.compilation import compiled
 from mpcl.training.config import ExperimentConfig, config_from_dict
 from mpcl.training.data.base import SegmentationData
 from mpcl.training.data.batches import Batch, BatchFactory, prefetch
 from mpcl.training.evaluate import evaluate_volumes
 from mpcl.training.methods import Models, StepInfo, TeacherUpdate, build_method
-from mpcl.training.precision import autocast, grad_scaler, resolve_precision
+from mpcl.training.precision import autocast, cpu_has_native_bf16, grad_scaler, resolve_precision
 from mpcl.training.run_log import CsvLog, plot_curves
 
 log = logging.getLogger("mpcl.train")
@@ -176,17 +177,21 @@ class Trainer:
         self.val_log = CsvLog(self.output_dir / "val_log.csv")
 
     def _step_models(self) -> Models:
-        """The networks as the method sees them in a training step: with several processes the student
-        and the teacher run this process's rows of each pass and return every process's outputs."""
+        """The networks as the method sees them in a training step: under ``train.compile`` the student and
+        teacher through ``torch.compile``; with several processes they run this process's rows of each
+        pass and return every process's outputs."""
         models = self.models
-        if not self.world.distributed:
-            return models
-        seed = self.config.seed
+        student, teacher = models.student, models.teacher
+        if self.config.train.compile:  # the eager modules stay in self.models (validation, checkpoints)
+            student, teacher = compiled(student), compiled(teacher)
+        if self.world.distributed:
+            seed = self.config.seed
 
-        def shard(network: torch.nn.Module | None) -> distributed.ShardedNetwork | None:
-            return None if network is None else distributed.ShardedNetwork(network, seed)
+            def shard(network) -> distributed.ShardedNetwork | None:
+                return None if network is None else distributed.ShardedNetwork(network, seed)
 
-        return Models(shard(models.student), shard(models.teacher), models.extra, models.teacher_extra)
+            student, teacher = shard(student), shard(teacher)
+        return Models(student, teacher, models.extra, models.teacher_extra)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self, iteration: int) -> dict:
@@ -227,6 +232,7 @@ class Trainer:
         stored.get("train", {}).setdefault("precision", "fp32")  # written before these keys existed
         stored.get("train", {}).setdefault("channels_last", False)
         stored.get("train", {}).setdefault("sync_batchnorm", False)
+        stored.get("train", {}).setdefault("compile", False)
         data = stored.get("data", {})
         for key, default in (
             ("slicing_axis", "auto"),
@@ -387,7 +393,7 @@ class Trainer:
         recalibration), and the sharded networks' random streams set to this iteration."""
         models = self.models
         if not self.world.distributed:
-            return models
+            return self.step_models
         distributed.broadcast_module(models.student, buffers_only=True)
         distributed.broadcast_module(models.teacher, buffers_only=True)
         for network in (self.step_models.student, self.step_models.teacher):
@@ -416,6 +422,14 @@ class Trainer:
                 module.train()  # as SSL4MIS: the teacher sees dropout and batch statistics
         main = self.world.is_main  # the one process that validates, logs and writes checkpoints
         progress = progress and main
+        if main and train.compile:
+            log.info("train.compile: the first steps compile the networks (a minute or more on a CPU)")
+        if main and self.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning(
+                "train.precision bf16 on a CPU without native bf16 (no AVX512_BF16 or AMX): its "
+                "convolutions fall back to torch's slow reference kernels, many times slower than fp32; "
+                "use fp32 on this machine"
+            )
         bar = tqdm(
             total=stop - self.start_iteration, desc=self.config.experiment, unit="it", disable=not progress
         )
@@ -494,6 +508,7 @@ class Trainer:
             "device": str(self.device),
             "precision": self.precision,
             "channels_last": self.config.train.channels_last,
+            "compile": self.config.train.compile,
         }
         (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info(
