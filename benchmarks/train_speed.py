@@ -1,13 +1,15 @@
-"""Seconds per training step of every method × precision × memory layout (the shipped recipes).
+"""Seconds per training step of every method × precision × memory layout × compile (the shipped recipes).
 
 Rows: supervised, Mean Teacher, BCP, MPCL on BCP, PCCS and BARL (their shipped ACDC configs) × precision
 (fp32, bf16; fp16 too on CUDA) × layout (NCHW, channels-last), at one patch size per call (128² is the
-CPU budget, 256² the published one). Each row builds the trainer with ``train.precision`` and
-``train.channels_last`` set and times its own step (batch building, forward, backward, SGD, EMA; no
+CPU budget, 256² the published one), and with ``--compile off on`` eager and ``torch.compile``d steps.
+Each row builds the trainer with ``train.precision``, ``train.channels_last`` and ``train.compile`` set
+and times its own step (batch building, forward, backward, SGD, EMA; no
 validation) after a warm-up, from the middle of the recipe (``--start-iteration``, default half the
 budget), where every method runs its full step: BCP and the methods on it are past their labelled-only
 pre-training, the prototype methods past their warm-ups. Schedules depend on the iteration only, so the
-step there costs what it costs in a real run.
+step there costs what it costs in a real run. A compiled row's warm-up steps include its compiling (a
+minute or more on a CPU); its untimed compile seconds are recorded as ``first_steps_s``.
 
 One results file per setting (device and patch size),
 ``benchmarks/results/train_speed_<device>_<patch>.json``: each call appends one run to it
@@ -24,6 +26,7 @@ Timings need an otherwise idle machine; ``--smoke`` numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import platform
 import resource
@@ -50,6 +53,7 @@ METHODS = {
     "barl": "acdc_barl_3labeled.yaml",
 }
 LAYOUTS = {"nchw": False, "channels_last": True}
+COMPILE = {"off": False, "on": True}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 
 # --smoke: the recipes' methods on a tiny phantom, so the script runs in seconds anywhere
@@ -109,6 +113,7 @@ def recipe_config(
     precision: str,
     channels_last: bool,
     *,
+    compile: bool = False,
     data_root: str | None = None,
     patch: int | None = None,
     device: str = "auto",
@@ -122,6 +127,7 @@ def recipe_config(
     overrides: dict = {
         "train.precision": precision,
         "train.channels_last": channels_last,
+        "train.compile": compile,
         "train.device": device,
     }
     if smoke:
@@ -157,9 +163,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_trainer_steps(trainer, start: int, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    """Seconds of each timed step (after ``warmup`` untimed ones) and every step's loss."""
-    durations, losses = [], []
+def time_trainer_steps(
+    trainer, start: int, warmup: int, steps: int
+) -> tuple[list[float], list[float], float]:
+    """Seconds of each timed step (after ``warmup`` untimed ones), every step's loss and the seconds of the
+    untimed warm-up steps (compiling included)."""
+    durations, losses, warmup_seconds = [], [], 0.0
     for iteration in range(start, start + warmup + steps):
         _synchronize(trainer.device)
         started = time.perf_counter()
@@ -167,8 +176,10 @@ def time_trainer_steps(trainer, start: int, warmup: int, steps: int) -> tuple[li
         _synchronize(trainer.device)
         if iteration >= start + warmup:
             durations.append(time.perf_counter() - started)
+        else:
+            warmup_seconds += time.perf_counter() - started
         losses.append(float(loss))
-    return durations, losses
+    return durations, losses, warmup_seconds
 
 
 def time_row(name: str, config, data, start: int | None, warmup: int, steps: int) -> dict:
@@ -176,13 +187,14 @@ def time_row(name: str, config, data, start: int | None, warmup: int, steps: int
 
     trainer = Trainer(config, data)
     begin = config.train.iterations // 2 if start is None else start
-    durations, losses = time_trainer_steps(trainer, begin, warmup, steps)
+    durations, losses, warmup_seconds = time_trainer_steps(trainer, begin, warmup, steps)
     median = statistics.median(durations)
     return {
         "method": name,
         "config": METHODS[name],
         "precision": trainer.precision,
         "layout": "channels_last" if config.train.channels_last else "nchw",
+        "compiled": config.train.compile,
         "patch_size": list(config.data.patch_size),
         "batch": [config.train.labeled_batch, trainer.batches.sampler.unlabeled_batch],
         "iterations_timed": [begin + warmup, begin + warmup + steps],
@@ -190,6 +202,7 @@ def time_row(name: str, config, data, start: int | None, warmup: int, steps: int
         "s_per_iteration": durations,
         "median_s_per_iteration": median,
         "min_s_per_iteration": min(durations),
+        "first_steps_s": warmup_seconds,
         "losses": losses,
         "losses_finite": all(math.isfinite(loss) for loss in losses),
         "iterations_in_config": config.train.iterations,
@@ -198,11 +211,11 @@ def time_row(name: str, config, data, start: int | None, warmup: int, steps: int
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Each row's speed relative to its method's fp32 NCHW row (> 1: faster)."""
+    """Each row's speed relative to its method's eager fp32 NCHW row (> 1: faster)."""
     base = {
         row["method"]: row["median_s_per_iteration"]
         for row in rows
-        if row["precision"] == "fp32" and row["layout"] == "nchw"
+        if row["precision"] == "fp32" and row["layout"] == "nchw" and not row["compiled"]
     }
     for row in rows:
         if row["method"] in base:
@@ -219,11 +232,12 @@ def run(args) -> tuple[dict, Path]:
     cache, rows = DataCache(), []
     for name in args.methods:
         for precision in precisions:
-            for layout in args.layouts:
+            for layout, compile in itertools.product(args.layouts, args.compile):
                 config = recipe_config(
                     name,
                     precision,
                     LAYOUTS[layout],
+                    compile=COMPILE[compile],
                     data_root=args.data_root,
                     patch=args.patch,
                     device=device.type,
@@ -234,7 +248,8 @@ def run(args) -> tuple[dict, Path]:
                 )
                 rows.append(row)
                 print(
-                    f"{name:13} {precision:5} {layout:14} {row['median_s_per_iteration']:8.3f} s/it "
+                    f"{name:13} {precision:5} {layout:14} compile {compile:3} "
+                    f"{row['median_s_per_iteration']:8.3f} s/it "
                     f"({row['projected_hours_for_budget']:.1f} h for {row['iterations_in_config']})",
                     flush=True,
                 )
@@ -247,6 +262,7 @@ def run(args) -> tuple[dict, Path]:
             "patch": patch,
             "precisions": precisions,
             "layouts": list(args.layouts),
+            "compile": list(args.compile),
             "warmup": args.warmup,
             "steps": args.steps,
             "start_iteration": args.start_iteration
@@ -262,14 +278,15 @@ def run(args) -> tuple[dict, Path]:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'method':13} {'precision':9} {'layout':14} {'median s/it':>12} {'× fp32 NCHW':>12}"
+    header = f"{'method':13} {'precision':9} {'layout':14} {'compiled':8} {'median s/it':>12}"
+    header += f" {'× eager fp32 NCHW':>18}"
     print(f"\n{header} {'budget h':>9}")
     for row in rows:
         speedup = row.get("speedup_vs_fp32_nchw")
         relative = "" if speedup is None else f"{speedup:.2f}"
         print(
-            f"{row['method']:13} {row['precision']:9} {row['layout']:14} "
-            f"{row['median_s_per_iteration']:12.3f} {relative:>12} {row['projected_hours_for_budget']:9.1f}"
+            f"{row['method']:13} {row['precision']:9} {row['layout']:14} {str(row['compiled']):8} "
+            f"{row['median_s_per_iteration']:12.3f} {relative:>18} {row['projected_hours_for_budget']:9.1f}"
         )
 
 
@@ -281,6 +298,13 @@ def parse_args(argv: list[str] | None = None):
         "--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], help="default: all the device runs"
     )
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        choices=list(COMPILE),
+        default=["off"],
+        help="train.compile rows (default: off)",
+    )
     parser.add_argument("--data-root", help="ACDC root (e.g. ../shared/data/acdc)")
     parser.add_argument(
         "--patch", type=int, help="patch size (default: the configs' 256; 128 is the CPU budget)"

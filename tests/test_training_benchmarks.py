@@ -18,14 +18,18 @@ def test_train_speed_smoke_appends_runs_to_one_file_per_setting(tmp_path):
     train_speed = load_benchmark("train_speed")
     assert train_speed.main(["--smoke", "--output-dir", str(tmp_path)]) == 0
     assert (
-        train_speed.main(["--smoke", "--output-dir", str(tmp_path), "--methods", "bcp", "--tag", "again"])
+        train_speed.main(
+            ["--smoke", "--output-dir", str(tmp_path), "--methods", "supervised", "--tag", "again"]
+            + ["--precisions", "fp32", "--layouts", "nchw", "--compile", "on"]
+        )
         == 0
     )
     assert [path.name for path in tmp_path.iterdir()] == ["train_speed_smoke_cpu_32.json"]
     record = json.loads((tmp_path / "train_speed_smoke_cpu_32.json").read_text())
     assert record["benchmark"] == "train_speed" and [run["repeat"] for run in record["runs"]] == [1, 2]
     first, second = record["runs"]
-    assert second["tag"] == "again" and {row["method"] for row in second["rows"]} == {"bcp"}
+    assert second["tag"] == "again" and [row["method"] for row in second["rows"]] == ["supervised"]
+    assert second["rows"][0]["compiled"] is True and second["rows"][0]["first_steps_s"] > 0
     machine = first["machine"]
     assert machine["processor"] and machine["device"] == "cpu" and "native_bf16" in machine
     assert set(machine["cpu_flags"]) >= {"avx512_bf16", "amx_bf16", "amx_tile"}
@@ -43,6 +47,7 @@ def test_train_speed_smoke_appends_runs_to_one_file_per_setting(tmp_path):
         assert row["iterations_timed"][0] > row["iterations_in_config"] // 2  # past pre-training and warm-ups
         assert row["projected_hours_for_budget"] > 0
     assert first["settings"]["smoke"] is True and first["settings"]["layouts"] == ["nchw", "channels_last"]
+    assert first["settings"]["compile"] == ["off"] and not any(row["compiled"] for row in rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the GPU check does without a GPU")
@@ -80,3 +85,5 @@ def test_gpu_check_rehearsal_runs_the_training_parts_on_the_cpu(tmp_path):
     paper = parts["paper_recipe"]["rows"]
     assert {row["method"] for row in paper} == METHOD_ROWS
     assert all(row["losses_finite"] and row["projected_hours_for_40000_steps"] > 0 for row in paper)
+    compiled = [(row["method"], row["precision"]) for row in paper if row["compiled"]]
+    assert compiled == [("bcp", "bf16"), ("mpcl_bcp", "bf16")]
