@@ -13,6 +13,10 @@ Each run is a child process (its own peak RSS, no state leaking between runs); f
 into ``benchmarks/results/ssl_acdc_<budget>.json`` as they complete, so a long list survives an
 interruption and re-running the same command skips what is done (``--force`` re-runs).
 
+``--precision bf16`` (or fp16 on a GPU) trains every run with that ``train.precision`` into its own file,
+``ssl_acdc_<budget>_<precision>.json``, whose table ends with each variant's paired difference against
+the fp32 file's runs of the same seeds: the check that a faster precision does not cost accuracy.
+
     python benchmarks/ssl_acdc.py --budget cpu_quick --variants supervised mean_teacher bcp \\
         --seeds 1 --data-root ../shared/data/acdc
 """
@@ -106,6 +110,7 @@ def build_run_config(
     data_root: str,
     output_dir: Path,
     threads: int | None = None,
+    precision: str = "fp32",
 ):
     """The validated config of one benchmark run (``threads``: torch threads of the training process)."""
     import yaml
@@ -141,6 +146,7 @@ def build_run_config(
         data["method"]["params"] = _scale_schedule(data["method"].get("params") or {}, factor)
     if threads:
         data["train"]["num_threads"] = threads
+    data["train"]["precision"] = precision
     return config_from_dict(data, f"{config_path} under budget {budget}")
 
 
@@ -197,6 +203,7 @@ def run_one(
     data_root: str,
     runs_dir: Path,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Train and test one run in this process; returns its result record."""
     import logging
@@ -208,8 +215,8 @@ def run_one(
     from mpcl.training.evaluate import evaluate_volumes
     from mpcl.training.trainer import Trainer, inference_model_from_checkpoint
 
-    output_dir = runs_dir / budget / f"{variant}_l{labeled}_s{seed}"
-    config = build_run_config(variant, budget, labeled, seed, data_root, output_dir, threads)
+    output_dir = runs_dir / setting_name(budget, precision) / f"{variant}_l{labeled}_s{seed}"
+    config = build_run_config(variant, budget, labeled, seed, data_root, output_dir, threads, precision)
     output_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,
@@ -241,6 +248,7 @@ def run_one(
         "method": config.method.name,
         "labeled_patients": labeled,
         "seed": seed,
+        "precision": trainer.precision,
         "iterations": config.train.iterations,
         "patch_size": list(config.data.patch_size),
         "batch": [config.train.labeled_batch, config.train.unlabeled_batch],
@@ -326,10 +334,36 @@ def comparisons(report: dict) -> list[str]:
     return sentences
 
 
-def _load_report(path: Path, budget: str) -> dict:
+def setting_name(budget: str, precision: str) -> str:
+    """The budget and, when not fp32, the precision: names the results file and the runs folder."""
+    return budget if precision == "fp32" else f"{budget}_{precision}"
+
+
+def precision_comparisons(report: dict, fp32_report: dict) -> list[str]:
+    """Each variant of a low-precision report against the fp32 report's runs of the same seeds."""
+    sentences = []
+    precision = report["precision"]
+    groups = sorted({(run["labeled_patients"], run["variant"]) for run in report["runs"]})
+    for labeled, variant in groups:
+        low, full = (
+            [r for r in source["runs"] if (r["labeled_patients"], r["variant"]) == (labeled, variant)]
+            for source in (report, fp32_report)
+        )
+        if not {run["seed"] for run in low} & {run["seed"] for run in full}:
+            continue
+        result = paired_difference(low, full)
+        report.setdefault("against_fp32", {})[f"{variant}@{labeled}"] = result
+        sentences.append(f"- {labeled} labelled: " + describe(f"{variant} {precision}", "fp32", result))
+    return sentences
+
+
+def _load_report(path: Path, budget: str, precision: str = "fp32") -> dict:
     if path.exists():
         return json.loads(path.read_text())
-    return {"budget": budget, "budget_settings": BUDGETS[budget], "runs": []}
+    report = {"budget": budget, "budget_settings": BUDGETS[budget], "runs": []}
+    if precision != "fp32":
+        report["precision"] = precision
+    return report
 
 
 def _write_report(report: dict, json_path: Path) -> None:
@@ -344,6 +378,10 @@ def _write_report(report: dict, json_path: Path) -> None:
         )
     )
     sentences = comparisons(report)
+    fp32_path = json_path.with_name(f"ssl_acdc_{report['budget']}.json")
+    precision_sentences = []
+    if report.get("precision", "fp32") != "fp32" and fp32_path.exists():
+        precision_sentences = precision_comparisons(report, json.loads(fp32_path.read_text()))
     temporary = json_path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(report, indent=1))
     temporary.replace(json_path)
@@ -351,7 +389,9 @@ def _write_report(report: dict, json_path: Path) -> None:
     commits = sorted({run.get("commit", "not recorded") for run in runs})
     protocols = sorted({json.dumps(run.get("protocol", "not recorded"), sort_keys=True) for run in runs})
     json_path.with_suffix(".md").write_text(
-        f"# ACDC semi-supervised benchmark, budget `{report['budget']}`\n\n"
+        f"# ACDC semi-supervised benchmark, budget `{report['budget']}`"
+        + (f", precision {report['precision']}" if report.get("precision", "fp32") != "fp32" else "")
+        + "\n\n"
         f"Budget settings: `{json.dumps(report['budget_settings'])}`. Test set: 40 volumes; metrics of "
         "the best-validation checkpoint; mean ± sd over seeds where several. HD95 and ASD are in voxels "
         "(the ACDC h5 files store no spacing). `empty`: (volume, class) cases predicted empty although "
@@ -363,6 +403,11 @@ def _write_report(report: dict, json_path: Path) -> None:
         + ".\n\n"
         + markdown_table(report)
         + ("\n## Paired differences\n\n" + "\n".join(sentences) + "\n" if sentences else "")
+        + (
+            f"\n## Against fp32 (same seeds, `{fp32_path.name}`)\n\n" + "\n".join(precision_sentences) + "\n"
+            if precision_sentences
+            else ""
+        )
     )
 
 
@@ -382,6 +427,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads per training process (1 to run two benchmarks at once)"
     )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="train.precision of every run; not fp32: its own results file, compared with the fp32 one",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child-process mode
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -395,13 +446,15 @@ def main() -> None:
             args.data_root,
             args.runs_dir,
             args.threads,
+            args.precision,
         )
         args.result_file.write_text(json.dumps(record))
         return
 
-    json_path = args.results_dir / f"ssl_acdc_{args.budget}.json"
+    setting = setting_name(args.budget, args.precision)
+    json_path = args.results_dir / f"ssl_acdc_{setting}.json"
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    report = _load_report(json_path, args.budget)
+    report = _load_report(json_path, args.budget, args.precision)
     if args.table:
         _write_report(report, json_path)
         print(markdown_table(report))
@@ -414,18 +467,21 @@ def main() -> None:
                 if done and not args.force:
                     print(f"skip {key}: already in {json_path.name}", flush=True)
                     continue
-                result_file = args.runs_dir / args.budget / f"{variant}_l{labeled}_s{seed}.result.json"
+                result_file = args.runs_dir / setting / f"{variant}_l{labeled}_s{seed}.result.json"
                 result_file.parent.mkdir(parents=True, exist_ok=True)
                 command = [
                     sys.executable, __file__, "--one", "--budget", args.budget, "--variants", variant,
                     "--labeled", str(labeled), "--seeds", str(seed), "--data-root", args.data_root,
                     "--runs-dir", str(args.runs_dir), "--result-file", str(result_file),
+                    "--precision", args.precision,
                 ] + (["--threads", str(args.threads)] if args.threads else [])  # fmt: skip
                 print(f"run {key} under budget {args.budget} ...", flush=True)
                 started = time.perf_counter()
                 subprocess.run(command, check=True)
                 record = json.loads(result_file.read_text())
-                report = _load_report(json_path, args.budget)  # another invocation may have added runs
+                report = _load_report(
+                    json_path, args.budget, args.precision
+                )  # another invocation may have added runs
                 report["runs"] = [
                     r for r in report["runs"] if (r["variant"], r["labeled_patients"], r["seed"]) != key
                 ] + [record]

@@ -52,3 +52,24 @@ def test_only_common_seeds_and_volumes_are_paired():
     assert result["seeds"] == [2] and result["volumes"] == 30
     with pytest.raises(ValueError, match="share no seed"):
         paired.paired_difference(a[:1], b[1:], resamples=10)
+
+
+def test_a_bf16_acdc_table_is_its_own_file_compared_with_fp32_runs_of_the_same_seeds(tmp_path):
+    ssl_acdc = load_benchmark("ssl_acdc")
+    assert ssl_acdc.setting_name("cpu_quick", "fp32") == "cpu_quick"
+    assert ssl_acdc.setting_name("cpu_quick", "bf16") == "cpu_quick_bf16"
+    config = ssl_acdc.build_run_config(
+        "bcp", "smoke", 3, 1, str(tmp_path), tmp_path / "run", precision="bf16"
+    )
+    assert config.train.precision == "bf16" and config.train.iterations == 4
+    rng = np.random.default_rng(2)
+    fp32_runs = [_run(seed, _volumes(rng)) | {"variant": "bcp", "labeled_patients": 3} for seed in (1, 2)]
+    bf16_runs = [
+        _run(run["seed"], {c["name"]: c["RV"]["dice"] - 0.01 for c in run["test_cases"]}) | {"variant": "bcp"}
+        for run in fp32_runs[:1]  # seed 1 only
+    ]
+    extra = _run(1, _volumes(rng)) | {"variant": "pccs_bcp", "labeled_patients": 3}  # no fp32 run
+    report = {"precision": "bf16", "runs": [run | {"labeled_patients": 3} for run in bf16_runs] + [extra]}
+    sentences = ssl_acdc.precision_comparisons(report, {"runs": fp32_runs})
+    assert len(sentences) == 1 and sentences[0].startswith("- 3 labelled: bcp bf16 − fp32: -1.00")
+    assert report["against_fp32"]["bcp@3"]["seeds"] == [1]
