@@ -193,7 +193,7 @@ def time_row(name: str, config, data, start: int | None, warmup: int, steps: int
         "method": name,
         "config": METHODS[name],
         "precision": trainer.precision,
-        "layout": "channels_last" if config.train.channels_last else "nchw",
+        "layout": "channels_last" if trainer.channels_last else "nchw",
         "compiled": config.train.compile,
         "patch_size": list(config.data.patch_size),
         "batch": [config.train.labeled_batch, trainer.batches.sampler.unlabeled_batch],

@@ -22,7 +22,7 @@ from mpcl.training.losses.pccs import sinkhorn
 from mpcl.training.losses.prototypes import pixel_prototype_contrast, prototype_logits
 from mpcl.training.methods import StepInfo
 from mpcl.training.precision import resolve_precision, run_fp32, to_float32
-from mpcl.training.trainer import Trainer, ema_update, poly_lr
+from mpcl.training.trainer import Trainer, ema_update, poly_lr, resolve_channels_last
 from tests.conftest import straight_and_resumed, tiny_config_dict
 
 BARL_LOOSE = {"tau": 0.0, "tau_s": 0.0, "ra_min_pixels": 1, "ia_min_size": 1, "pcbc_schedule": "constant"}
@@ -90,7 +90,7 @@ def _record_conv_dtypes(module: nn.Module) -> list[torch.dtype]:
 # -- config ------------------------------------------------------------------------------------------
 def test_precision_defaults_to_fp32_and_fp16_needs_cuda(tmp_path):
     config = config_from_dict(tiny_config_dict(tmp_path, "supervised"))
-    assert config.train.precision == "fp32" and config.train.channels_last is False
+    assert config.train.precision == "fp32" and config.train.channels_last == "auto"
     data = tiny_config_dict(tmp_path, "supervised")
     data["train"]["precision"] = "fp16"  # tiny configs train on the cpu
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU and train.device is cpu; use bf16"):
@@ -288,3 +288,20 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path, monkeypatch
     with caplog.at_level("WARNING", logger="mpcl.train"):
         _trainer(tmp_path, "supervised", "bf16", iterations=1).fit(progress=False)
     assert ("bf16 on a CPU without native bf16" in caplog.text) is not native
+
+
+def test_channels_last_auto_is_on_for_a_cpu_and_off_for_a_gpu(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_channels_last("auto", cpu) is True and resolve_channels_last("auto", cuda) is False
+    assert resolve_channels_last(False, cpu) is False and resolve_channels_last(True, cuda) is True
+    data = tiny_config_dict(tmp_path, "supervised")
+    data["train"]["channels_last"] = "yes"
+    with pytest.raises(
+        ConfigError, match=r"train.channels_last must be true or false or one of \['auto'\], got 'yes'"
+    ):
+        config_from_dict(data)
+    config = config_from_dict(tiny_config_dict(tmp_path, "supervised"))
+    trainer = Trainer(config, load_data(config.data))
+    assert trainer.channels_last and trainer.models.student.head.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )

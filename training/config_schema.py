@@ -181,8 +181,9 @@ class TrainConfig:
     # auto: bf16 on a CUDA GPU that supports it, else fp32; fp16 only on CUDA (with a gradient scaler)
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     # networks and image batches in torch.channels_last memory format (dropout masks are then drawn in
-    # that memory order: other masks than NCHW's, from the same distribution)
-    channels_last: bool = False
+    # that memory order: other masks than NCHW's, from the same distribution); auto: on when training on a
+    # CPU (measured faster there for every method), off on a GPU (not measured yet)
+    channels_last: bool | Literal["auto"] = "auto"
     # under torchrun (several processes): the student's and teacher's batch norms use the statistics of
     # the global batch, so N processes normalise as one would (mpcl.training.distributed); no effect alone
     sync_batchnorm: bool = False
@@ -242,7 +243,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0])
+        wants = [error.split(" must be ", 1)[-1].rsplit(", got ", 1)[0] for error in errors]
+        if len(errors) == 1 or not all(error.startswith(f"{where} must be ") for error in errors):
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{where} must be {' or '.join(wants)}, got {value!r}")  # e.g. bool or "auto"
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")

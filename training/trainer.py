@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -88,6 +89,13 @@ def update_teacher(models: Models, update: TeacherUpdate, iteration: int) -> Non
         ema_update(models.teacher_extra, models.extra, decay)
 
 
+def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """``train.channels_last`` for a run on ``device``: ``auto`` is on for a CPU, where
+    ``benchmarks/train_speed.py`` measured every method faster channels-last, and off on a GPU, where it
+    has not been measured yet."""
+    return device.type == "cpu" if setting == "auto" else bool(setting)
+
+
 def _channels_last(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """Image batches (B, C, H, W) in channels-last memory format; labels (B, H, W) and None as they are."""
     if tensor is None or tensor.dim() != 4:
@@ -124,7 +132,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.method = build_method(config.method, data.num_classes)
         student = build_network(config, data.num_classes).to(self.device)
-        if config.train.channels_last:  # the teacher and extra modules below inherit the layout
+        self.channels_last = resolve_channels_last(config.train.channels_last, self.device)
+        if self.channels_last:  # the teacher and extra modules below inherit the layout
             student = student.to(memory_format=torch.channels_last)
         if self.world.distributed and config.train.sync_batchnorm:  # before the teacher copies it
             student = distributed.convert_batch_norm(student)
@@ -134,7 +143,7 @@ class Trainer:
             teacher.requires_grad_(False)
         extra_modules = self.method.build_extra_modules(student)
         extra = torch.nn.ModuleDict(extra_modules).to(self.device) if extra_modules else None
-        if extra is not None and config.train.channels_last:
+        if extra is not None and self.channels_last:
             extra = extra.to(memory_format=torch.channels_last)
         teacher_extra = None
         if teacher is not None and extra is not None:
@@ -228,20 +237,7 @@ class Trainer:
                 f"resume with train.precision: {trained_in} (a run keeps one precision, so that it "
                 "continues exactly as it would have)"
             )
-        stored = copy.deepcopy(state["config"])
-        stored.get("train", {}).setdefault("precision", "fp32")  # written before these keys existed
-        stored.get("train", {}).setdefault("channels_last", False)
-        stored.get("train", {}).setdefault("sync_batchnorm", False)
-        stored.get("train", {}).setdefault("compile", False)
-        data = stored.get("data", {})
-        for key, default in (
-            ("slicing_axis", "auto"),
-            ("target_spacing", None),
-            ("crop_to_nonzero", False),
-            ("ct_normalization", None),
-        ):
-            data.setdefault(key, default)
-        if stored != self.config.to_dict():
+        if checkpoint_config(state) != self.config.to_dict():
             raise ConfigError(
                 f"{path}: checkpoint was written with a different config; resume with its own "
                 "config (mpcl-train --resume without --config)"
@@ -360,7 +356,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = distributed.gather_batch(batch.to(self.device))  # each process built its share
-        if train.channels_last:
+        if self.channels_last:
             batch = Batch(*(_channels_last(getattr(batch, name)) for name in batch.__dataclass_fields__))
         step_models = self._begin_step(iteration)
         # forward passes and losses in the run's precision; the losses themselves, prototype similarities
@@ -507,7 +503,7 @@ class Trainer:
             "seconds_per_iteration": result.seconds_per_iteration,
             "device": str(self.device),
             "precision": self.precision,
-            "channels_last": self.config.train.channels_last,
+            "channels_last": self.channels_last,
             "compile": self.config.train.compile,
         }
         (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -535,11 +531,37 @@ def inference_model_from_checkpoint(
     return method.inference_model(Models(student, None, extra))
 
 
+# config keys added after checkpoints were first written, with the values that reproduce how a checkpoint
+# written without them trained (e.g. before protocols the earlier choices were the legacy protocol's)
+LATER_KEYS: dict[str, Any] = {
+    "protocol": "legacy",
+    "train": {"precision": "fp32", "channels_last": False, "sync_batchnorm": False, "compile": False},
+    "data": {
+        "slicing_axis": "auto",
+        "target_spacing": None,
+        "crop_to_nonzero": False,
+        "ct_normalization": None,
+    },
+}
+
+
+def checkpoint_config(state: dict) -> dict:
+    """The config a checkpoint was trained with, as a dict, keys it predates filled from ``LATER_KEYS``."""
+    stored = copy.deepcopy(state["config"])
+    for key, default in LATER_KEYS.items():
+        if isinstance(default, dict):
+            section = stored.setdefault(key, {})
+            for name, value in default.items():
+                section.setdefault(name, value)
+        else:
+            stored.setdefault(key, default)
+    return stored
+
+
 def stored_config(state: dict, source: str | Path, data_root: str | Path | None = None) -> ExperimentConfig:
     """The validated config a loaded checkpoint was trained with, its data read from ``data_root`` if
     given; errors name ``source``."""
-    stored = copy.deepcopy(state["config"])
-    stored.setdefault("protocol", "legacy")  # written before protocols: the earlier choices were its defaults
+    stored = checkpoint_config(state)
     if data_root:
         stored["data"]["root"] = str(data_root)
     return config_from_dict(stored, f"{source} (stored config)")
