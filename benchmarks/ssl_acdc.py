@@ -74,9 +74,24 @@ COMPARISONS = [
 BUDGETS: dict[str, dict] = {
     # spec a.4: 128², 8+8; 1500 iterations sized from Mean Teacher's 1.2 s/it measured alone on 2 cores,
     # about 30-50 minutes per run with validation (MPCL adds a teacher pass and the prototype terms).
-    "cpu": {"patch": 128, "labeled_batch": 8, "unlabeled_batch": 8, "iterations": 1500, "val_every": 150},
+    # NCHW (channels_last false) as the table's first rows ran, before channels-last became the CPU default.
+    "cpu": {
+        "patch": 128,
+        "labeled_batch": 8,
+        "unlabeled_batch": 8,
+        "iterations": 1500,
+        "val_every": 150,
+        "channels_last": False,
+    },
     # what a single 3-hour session on 2 cores can afford for the whole table (≈10 runs).
-    "cpu_quick": {"patch": 128, "labeled_batch": 8, "unlabeled_batch": 8, "iterations": 600, "val_every": 60},
+    "cpu_quick": {
+        "patch": 128,
+        "labeled_batch": 8,
+        "unlabeled_batch": 8,
+        "iterations": 600,
+        "val_every": 60,
+        "channels_last": False,
+    },
     "paper": {},
     # checks the whole pipeline on real data in about a minute; its numbers mean nothing.
     "smoke": {"patch": 64, "labeled_batch": 2, "unlabeled_batch": 2, "iterations": 4, "val_every": 4},
@@ -143,6 +158,8 @@ def build_run_config(
             val_every=settings["val_every"],
             checkpoint_every=settings["iterations"],
         )
+        if "channels_last" in settings:
+            data["train"]["channels_last"] = settings["channels_last"]
         data["method"]["params"] = _scale_schedule(data["method"].get("params") or {}, factor)
     if threads:
         data["train"]["num_threads"] = threads
@@ -249,6 +266,7 @@ def run_one(
         "labeled_patients": labeled,
         "seed": seed,
         "precision": trainer.precision,
+        "channels_last": trainer.channels_last,
         "iterations": config.train.iterations,
         "patch_size": list(config.data.patch_size),
         "batch": [config.train.labeled_batch, config.train.unlabeled_batch],
