@@ -129,6 +129,13 @@ def _train(config, world, resume: Path | None, no_progress: bool) -> None:
         data.class_names,
     )
     trainer = Trainer(config, data)
+    log.info(
+        "training on %s in %s, %s%s",
+        trainer.device,
+        trainer.precision,
+        "channels-last" if trainer.channels_last else "NCHW",
+        ", compiled" if config.train.compile else "",
+    )
     if world.distributed:
         log.info(
             "data-parallel over %d processes (%s on %s), batch-norm statistics %s",
