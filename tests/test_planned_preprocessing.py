@@ -425,6 +425,14 @@ def test_plan_train_package_and_segment_a_scan_at_another_spacing_and_size(tmp_p
     assert np.all(output.label_map[:, :7] == 0) and np.all(
         output.label_map[:, :, -7:] == 0
     )  # outside the crop
+    # the CPU runtimes apply the same plan around their own network: the same probabilities on the scan
+    reference = segmenter(path, probabilities=True).probabilities
+    for backend in ("onnxruntime", "openvino"):
+        other = Segmenter(package, backend=backend, precision="fp32", postprocess=False)(
+            path, probabilities=True
+        )
+        np.testing.assert_allclose(other.probabilities, reference, atol=1e-4, err_msg=backend)
+        assert other.to_sitk().GetOrigin() == pytest.approx(image.GetOrigin())
 
     # validation segments a loaded (normalised) volume exactly as Segmenter segments its scan file
     from mpcl.backends.torch_backend import TorchBackend
