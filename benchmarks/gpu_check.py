@@ -17,8 +17,8 @@ skipped with its reason in the JSON and the script still exits 0. Parts, in orde
   onnxruntime has it (this machine cannot install one: it has no network).
 * ``paper_recipe``: seconds per step of the ``paper`` recipes (the shipped configs as they are: 256²,
   12 + 12 per step, phantom data) in fp32 and bf16, projected to 40 000 steps; BCP and MPCL-on-BCP
-  first, the other methods while the budget lasts; then BCP and MPCL-on-BCP with ``train.compile`` in
-  the faster precision (compiling seconds recorded apart), where the budget still allows.
+  first, the other methods while the budget lasts; then BCP and MPCL-on-BCP in the faster precision
+  channels-last, and with ``train.compile`` (compiling seconds recorded apart), while the budget allows.
 
 Each part records ``status`` (ok, failed, skipped) and, when skipped, ``reason``; a part that raises is
 ``failed`` with the error and the next part still runs. No new work starts once ``--budget-s`` is
@@ -187,10 +187,17 @@ def _all_float32(*modules) -> bool:
     )
 
 
-def _config(context: Context, name: str, precision: str, extra: dict, compile: bool = False):
+def _config(
+    context: Context,
+    name: str,
+    precision: str,
+    extra: dict,
+    compile: bool = False,
+    channels_last: bool = False,
+):
     from train_speed import recipe_config
 
-    return recipe_config(name, precision, False, compile=compile, device=context.device, extra=extra)
+    return recipe_config(name, precision, channels_last, compile=compile, device=context.device, extra=extra)
 
 
 # -- parts -------------------------------------------------------------------------------------------
@@ -467,18 +474,27 @@ def part_paper_recipe(context: Context) -> dict:
     from mpcl.training.trainer import Trainer
 
     rows, estimate = [], 60.0  # seconds a row may take before one has been measured
-    eager = [(name, precision, False) for name in PAPER_ORDER for precision in context.precisions]
-    # then train.compile for the two recipes that matter most, in the fastest precision (compiling first)
-    compiled = [(name, context.precisions[-1], True) for name in PAPER_ORDER[:2]]
-    for name, precision, compile in eager + compiled:
+    eager = [(name, precision, False, False) for name in PAPER_ORDER for precision in context.precisions]
+    # then, for the two recipes that matter most in the fastest precision, channels-last (whether
+    # train.channels_last: auto should turn it on for GPUs too) and train.compile (compiling first)
+    fastest = context.precisions[-1]
+    variants = [(name, fastest, False, True) for name in PAPER_ORDER[:2]]
+    variants += [(name, fastest, True, False) for name in PAPER_ORDER[:2]]
+    for name, precision, compile, channels_last in eager + variants:
         needed = estimate + (COMPILE_SECONDS if compile else 0)
         if not context.budget.allows(needed):
             rows.append(
-                {"method": name, "precision": precision, "compiled": compile, **skipped("budget spent")}
+                {
+                    "method": name,
+                    "precision": precision,
+                    "compiled": compile,
+                    "layout": "channels_last" if channels_last else "nchw",
+                    **skipped("budget spent"),
+                }
             )
             continue
         started = time.monotonic()
-        config = _config(context, name, precision, context.paper_overrides, compile)
+        config = _config(context, name, precision, context.paper_overrides, compile, channels_last)
         context.reset_memory()
         trainer = Trainer(config, context.data(config.data))
         start = config.train.iterations // 2
@@ -490,6 +506,7 @@ def part_paper_recipe(context: Context) -> dict:
                 "config": METHODS[name],
                 "precision": trainer.precision,
                 "compiled": compile,
+                "layout": "channels_last" if trainer.channels_last else "nchw",
                 "first_steps_s": first_steps,
                 "patch_size": list(config.data.patch_size),
                 "batch": [config.train.labeled_batch, trainer.batches.sampler.unlabeled_batch],

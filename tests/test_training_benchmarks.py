@@ -87,3 +87,5 @@ def test_gpu_check_rehearsal_runs_the_training_parts_on_the_cpu(tmp_path):
     assert all(row["losses_finite"] and row["projected_hours_for_40000_steps"] > 0 for row in paper)
     compiled = [(row["method"], row["precision"]) for row in paper if row["compiled"]]
     assert compiled == [("bcp", "bf16"), ("mpcl_bcp", "bf16")]
+    channels_last = [(row["method"], row["precision"]) for row in paper if row["layout"] == "channels_last"]
+    assert channels_last == [("bcp", "bf16"), ("mpcl_bcp", "bf16")]
