@@ -357,6 +357,11 @@ def setting_name(budget: str, precision: str) -> str:
     return budget if precision == "fp32" else f"{budget}_{precision}"
 
 
+def results_path(results_dir: Path, budget: str, precision: str = "fp32") -> Path:
+    """The one results file of a budget and precision."""
+    return results_dir / f"ssl_acdc_{setting_name(budget, precision)}.json"
+
+
 def precision_comparisons(report: dict, fp32_report: dict) -> list[str]:
     """Each variant of a low-precision report against the fp32 report's runs of the same seeds."""
     sentences = []
@@ -396,7 +401,7 @@ def _write_report(report: dict, json_path: Path) -> None:
         )
     )
     sentences = comparisons(report)
-    fp32_path = json_path.with_name(f"ssl_acdc_{report['budget']}.json")
+    fp32_path = results_path(json_path.parent, report["budget"])
     precision_sentences = []
     if report.get("precision", "fp32") != "fp32" and fp32_path.exists():
         precision_sentences = precision_comparisons(report, json.loads(fp32_path.read_text()))
@@ -470,7 +475,7 @@ def main() -> None:
         return
 
     setting = setting_name(args.budget, args.precision)
-    json_path = args.results_dir / f"ssl_acdc_{setting}.json"
+    json_path = results_path(args.results_dir, args.budget, args.precision)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     report = _load_report(json_path, args.budget, args.precision)
     if args.table:
@@ -497,9 +502,8 @@ def main() -> None:
                 started = time.perf_counter()
                 subprocess.run(command, check=True)
                 record = json.loads(result_file.read_text())
-                report = _load_report(
-                    json_path, args.budget, args.precision
-                )  # another invocation may have added runs
+                # another invocation may have added runs
+                report = _load_report(json_path, args.budget, args.precision)
                 report["runs"] = [
                     r for r in report["runs"] if (r["variant"], r["labeled_patients"], r["seed"]) != key
                 ] + [record]
